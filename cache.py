@@ -1,0 +1,239 @@
+"""The explicit KV cache: a fixed budget of tokens per layer and KV head, really evicted.
+
+For each layer, each sequence of the batch and each KV head, the cache stores up to
+`budget + chunk` slots (preallocated): key, value, the token's position in the text, its running
+score, how many rows saw it, and whether the slot holds a token. One attention call goes:
+
+    view = layer_cache.update(k, v, positions)   # write the new tokens into free slots
+    ... attention over view.keys / view.values under view.mask ...
+    layer_cache.observe(probs)                  # score update (policies.accumulate), then evict
+                                                # down to `budget` (policies.priority + top-k)
+
+Kept sets differ between KV heads. Slots are not kept in text order: a new token takes the
+lowest free slot, and every slot carries its own position, so positions, rotary angles and the
+causal mask all come from that one position tensor.
+
+Modes (policies.md, "When eviction happens"):
+- streaming: calls of at most `chunk` tokens; after each call the cache evicts down to `budget`
+  (chunk = 1: exact token-by-token eviction, as in the papers' masked simulations).
+- prefill: the first call (the whole prompt) is attended with no eviction, then compressed to
+  `budget`, the storage shrinks to `budget + chunk`, and later calls evict as in streaming.
+Positions:
+- original: keys are stored rotated at their text position (H2O, A2SF, VATP, TOVA).
+- slot: keys are stored before rotation and rotated at read time by their rank in the cache
+  (StreamingLLM Sec. 3.2); rotary models only.
+Batches: sequences of different lengths are left-padded; `pad[b]` leading tokens of sequence b
+have negative positions, are never kept, and never count against its budget.
+
+The cache never imports the model; it is told the model's shape by its config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import policies
+from policies import Policy
+
+MODES = ("streaming", "prefill")
+POSITION_SCHEMES = ("original", "slot")
+
+
+@dataclass
+class View:
+    """What one attention call's rows may attend to (S = slots in storage)."""
+
+    keys: torch.Tensor  # (B, Hkv, S, D)
+    values: torch.Tensor  # (B, Hkv, S, D)
+    key_pos: torch.Tensor  # (B, Hkv, S) positions to rotate keys by (slot ranks in slot mode)
+    query_pos: torch.Tensor  # (B, Hkv, T) positions to rotate queries by (slot mode)
+    mask: torch.Tensor  # (B, Hkv, T, S) bool, True = this row may attend to this slot
+
+
+class LayerCache:
+    def __init__(self, layer: int, owner: "KVCache"):
+        self.layer = layer
+        self.owner = owner
+        self.policy = owner.policy
+        self.budget = owner.budget
+        self.rotate_on_read = owner.position_scheme == "slot"
+        self.needs_probs = owner.policy.scored
+        self.capacity = 0
+        self.held_bound = 0  # host-side upper bound on tokens held by any head (from shapes only)
+        self._allocate(owner.initial_capacity)
+
+    def _allocate(self, capacity: int):
+        o = self.owner
+        B, H, D = o.batch, o.cfg.n_kv_heads, o.cfg.head_dim
+        new = dict(
+            k=torch.zeros(B, H, capacity, D, device=o.device, dtype=o.dtype),
+            v=torch.zeros(B, H, capacity, D, device=o.device, dtype=o.dtype),
+            pos=torch.full((B, H, capacity), -1, device=o.device, dtype=torch.long),
+            valid=torch.zeros(B, H, capacity, device=o.device, dtype=torch.bool),
+            scores=torch.zeros(B, H, capacity, device=o.device, dtype=o.score_dtype),
+            counts=torch.zeros(B, H, capacity, device=o.device, dtype=o.score_dtype),
+        )
+        if self.capacity:  # move the held tokens over, in text order
+            big = torch.iinfo(torch.long).max
+            order = torch.where(self.valid, self.pos, big).argsort(dim=-1, stable=True)[..., :capacity]
+            n = order.shape[-1]
+            for name, t in new.items():
+                old = getattr(self, name)
+                idx = order if old.dim() == 3 else order[..., None].expand(-1, -1, -1, D)
+                t[:, :, :n] = old.gather(2, idx)
+        for name, t in new.items():
+            setattr(self, name, t)
+        self.capacity = capacity
+
+    # -- the two calls attention makes -------------------------------------------------------
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> View:
+        """k, v (B, Hkv, T, D) of the new tokens; positions (B, T). Writes them in, returns the view."""
+        B, H, T, D = k.shape
+        if self.held_bound + T > self.capacity:  # decided on shapes, never on tensor values
+            self._allocate(self.owner.grow_to(self.held_bound + T, self.capacity))
+        slot_ids = torch.arange(self.capacity, device=k.device)
+        free_rank = torch.where(self.valid, -1, self.capacity - slot_ids)  # lowest free slot ranks highest
+        slots = free_rank.topk(T, dim=-1).indices  # (B, H, T) free slots, increasing
+        pos = positions[:, None, :].expand(B, H, T)  # (B, H, T)
+        self.k.scatter_(2, slots[..., None].expand(B, H, T, D), k)
+        self.v.scatter_(2, slots[..., None].expand(B, H, T, D), v)
+        self.pos.scatter_(2, slots, pos)
+        self.valid.scatter_(2, slots, pos >= 0)
+        self.scores.scatter_(2, slots, 0.0)  # a token's score starts when it enters
+        self.counts.scatter_(2, slots, 0.0)
+        self.held_bound += T
+        self.q_pos = positions
+
+        causal = self.pos[:, :, None, :] <= positions[:, None, :, None]  # (B, H, T, S)
+        own = torch.zeros(B, H, T, self.capacity, dtype=torch.bool, device=k.device)
+        own.scatter_(-1, slots[..., None], True)  # a padding row sees itself, so softmax is defined
+        self.mask = (self.valid[:, :, None, :] & causal) | own  # (B, H, T, S)
+        key_pos, query_pos = self.pos, pos
+        if self.rotate_on_read:  # StreamingLLM: a key's position is its rank among the kept keys
+            big = torch.iinfo(torch.long).max
+            order = torch.where(self.valid, self.pos, big).argsort(dim=-1, stable=True)
+            rank = torch.empty_like(order).scatter_(-1, order, slot_ids.expand_as(order))  # (B, H, S)
+            key_pos, query_pos = rank, rank.gather(-1, slots)
+        return View(self.k, self.v, key_pos, query_pos, self.mask)
+
+    def observe(self, probs: torch.Tensor | None) -> None:
+        """probs (B, Hkv, G, T, S) of the rows just computed (None for unscored policies)."""
+        if self.policy.scored:
+            self.scores, self.counts = policies.accumulate(
+                self.policy, self.scores, self.counts, probs, self.mask, self.q_pos, self.v)
+        self.evict()
+
+    # -- eviction -----------------------------------------------------------------------------
+
+    def evict(self) -> None:
+        if self.budget is None or self.held_bound <= self.budget:
+            return  # nothing can be over budget yet (scores still accumulate)
+        newest = self.q_pos.amax(dim=-1)  # (B,)
+        prio = policies.priority(self.policy, self.scores, self.counts, self.pos, self.valid, newest, self.layer)
+        if self.q_pos.shape[1] == 1 and self.owner.fast_evict:
+            self.valid = evict_one(prio, self.pos, self.valid, self.budget)
+        else:
+            self.valid = keep_top(prio, self.pos, self.valid, self.budget)
+        self.held_bound = min(self.held_bound, self.budget)
+        if self.owner.mode == "prefill" and self.capacity > self.budget + self.owner.chunk:
+            self._allocate(self.budget + self.owner.chunk)  # free the prompt's extra storage
+
+
+def keep_top(prio, pos, valid, budget: int):
+    """The general rule: keep the `budget` highest-priority tokens; on ties the oldest goes first.
+    prio, pos, valid (B, H, S) -> new valid (B, H, S)."""
+    by_newest = pos.argsort(dim=-1, descending=True, stable=True)  # newest first
+    ranked = prio.gather(-1, by_newest).argsort(dim=-1, descending=True, stable=True)
+    order = by_newest.gather(-1, ranked)  # slots by (priority, newer) descending
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=pos.device).expand_as(order))
+    return valid & (rank < budget)
+
+
+def evict_one(prio, pos, valid, budget: int):
+    """The decode-step fast twin of keep_top for one new token: at most one eviction per head,
+    the lowest priority, the oldest among equals. No sort. A test holds it equal to keep_top."""
+    over = valid.sum(dim=-1, keepdim=True) > budget  # (B, H, 1)
+    prio = torch.where(valid, prio, float("inf"))  # empty slots are no candidates
+    low = prio.amin(dim=-1, keepdim=True)
+    big = torch.iinfo(pos.dtype).max
+    victim = torch.where(prio == low, pos, big).argmin(dim=-1, keepdim=True)  # oldest among the lowest
+    return valid.scatter(-1, victim, valid.gather(-1, victim) & ~over)
+
+
+class KVCache:
+    """One LayerCache per layer, plus the text positions of the next tokens per sequence.
+
+    cfg: model.Config (its shape); policy: policies.Policy; budget: tokens per layer and KV head
+    (None only for `full`); pad: (B,) leading padding tokens per sequence; max_len: storage to
+    preallocate for `full` (else it grows by doubling).
+    """
+
+    def __init__(self, cfg, policy: Policy, budget: int | None = None, *, batch: int = 1,
+                 mode: str = "streaming", chunk: int = 1, positions: str = "original",
+                 device="cpu", dtype=torch.float32, pad=None, max_len: int | None = None,
+                 fast_evict: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
+        if not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk {chunk!r}: use an integer >= 1 (1 = evict after every token)")
+        if positions not in POSITION_SCHEMES:
+            raise ValueError(f"positions {positions!r}: use one of {', '.join(POSITION_SCHEMES)}")
+        if positions == "slot" and not cfg.rotary:
+            raise ValueError("slot positions need rotary embeddings: OPT's learned positions cannot be"
+                             " re-indexed; use --positions original")
+        policies.check(policy, budget)
+        self.cfg, self.policy = cfg, policy
+        self.budget = None if policy.keep_all else budget
+        self.batch, self.mode, self.chunk, self.position_scheme = batch, mode, chunk, positions
+        self.device, self.dtype = torch.device(device), dtype
+        self.score_dtype = torch.promote_types(dtype, torch.float32)  # scores in fp32 at least
+        self.fast_evict = fast_evict
+        self.compressed = False  # prefill mode: the prompt call is done
+        self.initial_capacity = max_len if self.budget is None and max_len else (self.budget or 0) + chunk
+        pad = torch.zeros(batch, dtype=torch.long) if pad is None else torch.as_tensor(pad, dtype=torch.long)
+        self.next_pos = (-pad).to(self.device)  # (B,) position of each sequence's next token
+        self.layers = [LayerCache(i, self) for i in range(cfg.n_layers)]
+
+    def grow_to(self, needed: int, current: int) -> int:
+        return needed if self.budget is not None else max(needed, 2 * current)
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T) text positions of the next T tokens (negative for left padding)."""
+        if self.mode == "streaming" and T > self.chunk and self.budget is not None:
+            raise ValueError(f"streaming mode takes at most chunk={self.chunk} tokens per call:"
+                             " feed longer inputs with generate.feed(model, tokens, cache)")
+        if self.mode == "prefill" and self.compressed and T > self.chunk and self.budget is not None:
+            raise ValueError(f"after the prompt, prefill mode takes at most chunk={self.chunk} tokens per call")
+        return self.next_pos[:, None] + torch.arange(T, device=self.device)
+
+    def advance(self, T: int) -> None:
+        """Called by the model at the end of its forward."""
+        self.next_pos = self.next_pos + T
+        if self.mode == "prefill":
+            self.compressed = True
+
+    # -- inspection (host side; not for the decode step) ---------------------------------------
+
+    def kept_positions(self, layer: int) -> list[list[list[int]]]:
+        """[b][kv_head] -> sorted text positions that layer holds."""
+        lc = self.layers[layer]
+        pos = torch.where(lc.valid, lc.pos, -1).sort(dim=-1).values.cpu()
+        return [[[p for p in row.tolist() if p >= 0] for row in seq] for seq in pos]
+
+    def kept_mask(self, layer: int, length: int) -> torch.Tensor:
+        """(B, Hkv, length) bool: which text positions the layer holds."""
+        lc = self.layers[layer]
+        out = torch.zeros(self.batch, self.cfg.n_kv_heads, length + 1, dtype=torch.bool, device=lc.pos.device)
+        idx = torch.where(lc.valid & (lc.pos < length), lc.pos, length)
+        return out.scatter_(-1, idx, True)[..., :length]
+
+    def tokens_held(self) -> torch.Tensor:
+        """(n_layers, B, Hkv) tokens each layer's KV head holds."""
+        return torch.stack([lc.valid.sum(dim=-1) for lc in self.layers])
+
+    def nbytes(self) -> int:
+        """Bytes of key and value storage allocated (what the memory really costs)."""
+        return sum(lc.k.nbytes + lc.v.nbytes for lc in self.layers)

@@ -1,0 +1,285 @@
+"""A minimal LLaMA / OPT decoder whose attention talks to an explicit KV cache.
+
+One file, read top to bottom: the config and its presets, the pieces (norms, rotary positions,
+attention, MLP), the block and the transformer. The forward pass is
+
+    model(tokens, cache=None) -> logits          tokens (B, T) long, logits (B, T, vocab)
+
+With no cache, every row attends causally to the rows before it (positions 0..T-1). With a
+cache (cache.py), positions come from the cache, and each layer's attention asks its layer of
+the cache for the keys, values, key positions and mask to use, then hands the cache the
+attention probabilities of the rows it just computed (when the cache's policy scores tokens).
+
+References: LLaMA (Touvron et al. 2023, arXiv 2302.13971), rotary embeddings (Su et al. 2021,
+arXiv 2104.09864), grouped-query attention (Ainslie et al. 2023, arXiv 2305.13245), OPT
+(Zhang et al. 2022, arXiv 2205.01068). Layout after nanoGPT and gpt-fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Config:
+    arch: str = "llama"  # "llama" (RMSNorm, RoPE, SwiGLU) or "opt" (LayerNorm, learned positions, ReLU)
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32  # < n_heads: grouped-query attention
+    hidden_dim: int = 11008  # MLP width
+    head_dim: int = 0  # 0: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    bias: bool = False  # biases on attention and MLP projections (OPT)
+
+    def __post_init__(self):
+        if self.arch not in ("llama", "opt"):
+            raise ValueError(f"unknown architecture {self.arch!r}: use 'llama' or 'opt'")
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head: query head h uses KV head h // group."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def rotary(self) -> bool:
+        return self.arch == "llama"
+
+
+PRESETS = {
+    "smollm2-135m": Config(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                           hidden_dim=1536, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    "llama-2-7b": Config(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                         hidden_dim=11008, max_seq_len=4096),
+    "opt-125m": Config(arch="opt", vocab_size=50272, dim=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                       hidden_dim=3072, max_seq_len=2048, tie_embeddings=True, bias=True),
+    "opt-6.7b": Config(arch="opt", vocab_size=50272, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                       hidden_dim=16384, max_seq_len=2048, tie_embeddings=True, bias=True),
+    "tiny-llama": Config(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
+                         max_seq_len=256),
+    "tiny-opt": Config(arch="opt", vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                       hidden_dim=96, max_seq_len=256, tie_embeddings=True, bias=True),
+}
+
+
+def preset(name: str, **overrides) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose from {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w   (Zhang & Sennrich 2019), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def make_norm(cfg: Config) -> nn.Module:
+    return RMSNorm(cfg.dim, cfg.norm_eps) if cfg.arch == "llama" else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding, rotate-half layout (RoFormer Eq. 34; the Hugging Face convention).
+
+    x (B, H, T, D), positions (B, T) or (B, H, T) integer positions. Dimension i pairs with
+    i + D/2 and turns by angle pos * theta^(-2i/D). Checkpoints stored for the interleaved
+    (Meta / GGUF) layout have their Q and K rows permuted into this one by the loader.
+    """
+    D = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # (D/2,)
+    if positions.dim() == 2:
+        positions = positions[:, None, :]  # (B, 1, T): the same positions for every head
+    angles = positions.float()[..., None] * inv_freq  # (B, H|1, T, D/2)
+    cos = torch.cat([angles.cos(), angles.cos()], -1)  # (B, H|1, T, D)
+    sin = torch.cat([angles.sin(), angles.sin()], -1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).type_as(x)
+
+
+def attend(q, k, v, mask, need_probs: bool):
+    """Attention of query rows over a set of keys, per KV-head group.
+
+    q (B, Hkv, G, T, D), k and v (B, Hkv, S, D), mask (B, Hkv, T, S) bool (True = may attend).
+    Returns out (B, Hkv, G, T, D) and the probabilities (B, Hkv, G, T, S) in fp32, or None.
+
+    need_probs: the explicit path, softmax(q k^T / sqrt(D)) (Vaswani et al. 2017, Eq. 1), whose
+    probabilities a scoring policy needs. Otherwise the fused scaled_dot_product_attention,
+    which returns no probabilities. A test holds the two paths equal.
+    """
+    if need_probs:
+        ct = torch.promote_types(q.dtype, torch.float32)  # fp32 at least, whatever the model's dtype
+        scores = q.to(ct) @ k.to(ct)[:, :, None].transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, Hkv, G, T, S)
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+        probs = scores.softmax(dim=-1)  # (B, Hkv, G, T, S)
+        out = (probs.to(v.dtype) @ v[:, :, None])  # (B, Hkv, G, T, D)
+        return out, probs
+    B, Hkv, G, T, D = q.shape
+    kx = k[:, :, None].expand(B, Hkv, G, k.shape[2], D)  # (B, Hkv, G, S, D): a view, no copy
+    vx = v[:, :, None].expand(B, Hkv, G, v.shape[2], D)
+    out = F.scaled_dot_product_attention(q, kx, vx, attn_mask=mask[:, :, None])  # (B, Hkv, G, T, D)
+    return out, None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, H * D, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.dim, Hkv * D, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.dim, Hkv * D, bias=cfg.bias)
+        self.wo = nn.Linear(H * D, cfg.dim, bias=cfg.bias)
+
+    def project(self, x):
+        """x (B, T, dim) -> q (B, Hkv, G, T, D), k and v (B, Hkv, T, D), before any rotation."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, cfg.n_kv_heads, cfg.group, cfg.head_dim).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, D)
+        k = self.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        return q, k, v
+
+    def output(self, out):
+        """out (B, Hkv, G, T, D) -> (B, T, dim)."""
+        B, Hkv, G, T, D = out.shape
+        return self.wo(out.permute(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D))  # (B, T, H*D) -> (B, T, dim)
+
+    def rope(self, x, positions):
+        """Rotate x (B, Hkv, [G,] T, D) by positions (B, T) or per KV head (B, Hkv, T)."""
+        if not self.cfg.rotary:
+            return x
+        if x.dim() == 5:  # queries: fold the group into the head axis
+            B, Hkv, G, T, D = x.shape
+            pos = positions if positions.dim() == 2 else positions[:, :, None].expand(B, Hkv, G, T).reshape(B, Hkv * G, T)
+            return rotate(x.reshape(B, Hkv * G, T, D), pos, self.cfg.rope_theta).view(B, Hkv, G, T, D)
+        return rotate(x, positions, self.cfg.rope_theta)
+
+    def forward(self, x, positions, layer_cache=None, explicit: bool = False):
+        """x (B, T, dim), positions (B, T) text positions of the rows. -> (B, T, dim)."""
+        q, k, v = self.project(x)
+        if layer_cache is None:  # plain causal attention over this call's rows
+            q, k = self.rope(q, positions), self.rope(k, positions)
+            mask = (positions[:, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, T)
+            mask = mask.expand(x.shape[0], self.cfg.n_kv_heads, *mask.shape[-2:])  # (B, Hkv, T, T)
+            out, _ = attend(q, k, v, mask, need_probs=explicit)
+            return self.output(out)
+        if not layer_cache.rotate_on_read:  # original positions: keys are stored rotated
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        view = layer_cache.update(k, v, positions)  # what this call's rows may attend to
+        k_all = view.keys
+        if layer_cache.rotate_on_read:  # slot positions (StreamingLLM 3.2): rotate at read time
+            q, k_all = self.rope(q, view.query_pos), self.rope(k_all, view.key_pos)
+        out, probs = attend(q, k_all, view.values, view.mask, need_probs=explicit or layer_cache.needs_probs)
+        layer_cache.observe(probs)  # score update and eviction, after this layer's attention
+        return self.output(out)
+
+
+class MLP(nn.Module):
+    """LLaMA: w_down(silu(w_gate x) * w_up x) (SwiGLU, Shazeer 2020). OPT: fc2(relu(fc1 x))."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.arch = cfg.arch
+        if cfg.arch == "llama":
+            self.w_gate = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)
+            self.w_up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)
+            self.w_down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.bias)
+        else:
+            self.fc1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)
+            self.fc2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.arch == "llama":
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, positions, layer_cache=None, explicit=False):
+        x = x + self.attn(self.attn_norm(x), positions, layer_cache, explicit)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+OPT_POSITION_OFFSET = 2  # OPT's learned position table starts at row 2 (fairseq padding legacy)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        if cfg.arch == "opt":
+            self.pos_emb = nn.Embedding(cfg.max_seq_len + OPT_POSITION_OFFSET, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def embed(self, tokens, positions):
+        """tokens (B, T), positions (B, T) -> (B, T, dim)."""
+        x = self.tok_emb(tokens)
+        if self.cfg.arch == "opt":  # learned absolute positions; padding rows (pos < 0) clamp to 0
+            x = x + self.pos_emb(positions.clamp(min=0) + OPT_POSITION_OFFSET)
+        return x
+
+    def head(self, x):
+        """x (B, T, dim) -> logits (B, T, vocab)."""
+        return self.lm_head(self.norm(x))
+
+    def forward(self, tokens: torch.Tensor, cache=None, explicit: bool = False) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab). explicit=True forces the softmax attention path."""
+        B, T = tokens.shape
+        if cache is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)  # (B, T)
+        else:
+            positions = cache.positions(T)  # (B, T): each row's position in its text
+        x = self.embed(tokens, positions)
+        for i, block in enumerate(self.layers):
+            x = block(x, positions, None if cache is None else cache.layers[i], explicit)
+        if cache is not None:
+            cache.advance(T)
+        return self.head(x)
+
+    @property
+    def device(self):
+        return self.tok_emb.weight.device
+
+    @property
+    def dtype(self):
+        return self.tok_emb.weight.dtype

@@ -1,0 +1,180 @@
+"""KV-cache scoring policies: which tokens a layer's KV head keeps when it must drop some.
+
+Every policy is one instance of a single form (../shared/docs/policies.md). After each attention
+call, with the rows q it just computed (t = the newest row), each kept token j of KV head g gets
+
+    s[g, j]  <-  alpha^(n_rows) * s[g, j]  +  nu[g, j] * sum_q alpha^(t - q) * w[q] * sum_{h in G(g)} A[h, q, j]
+
+and the cache keeps the n_sink first tokens, the `recent` latest ones, and fills the rest of the
+budget with the highest scores (ties: the oldest token goes first).
+
+    policy     w[q]                          alpha       nu[g, j]     paper
+    h2o        1                             1           1            Zhang et al. 2023, Eq. in Sec. 4.2 (heavy hitters)
+    h2o_mean   1                             1           1, / rows    kvpress ObservedAttentionPress
+    a2sf       1                             0.2         1            Jo & Shin 2024, Eq. 5
+    vatp       1                             1           ||v_j||_1    Guo et al. 2024, Eq. 4
+    tova       1                             0           1            Oren et al. 2024 (newest row only)
+    snapkv     1 on the last `obs_window`    1           1            Li et al. 2024 (+ pooling, kernel 5)
+               rows of a call
+    window, sink, full, random: no scores (positions or a seeded hash decide).
+
+Everything here is a pure function of tensors: no layers, no files, no host syncs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    scored: bool = True  # needs the attention probabilities (explicit attention path)
+    alpha: float = 1.0  # forgetting factor (A2SF); 1 = plain accumulation (H2O)
+    n_sink: int = 0  # first tokens of the text, never evicted (StreamingLLM's attention sinks)
+    recent: int = 0  # latest tokens, never evicted, the newest included (H2O's local window)
+    value_prior: bool = False  # VATP: nu = ||v||_1
+    mean: bool = False  # H2O-mean: divide by the number of rows that saw the token
+    obs_window: int = 0  # SnapKV: only the last obs_window rows of a call vote (0: every row)
+    pool: int = 1  # SnapKV: average-pool the scores over neighbouring kept keys (odd kernel)
+    keep_all: bool = False  # full: never evict
+    random: bool = False  # random: a seeded hash of (position, layer, head) is the score
+    seed: int = 0
+    gqa: str = "sum"  # how the query heads of a group combine: "sum" or "max"
+
+
+# name -> (description, defaults as a function of the budget). The budget only sets the split.
+_DEFAULTS = {
+    "full": ("keep everything (the reference)", lambda b: dict(scored=False, keep_all=True)),
+    "window": ("the `budget` latest tokens (\"local\")", lambda b: dict(scored=False, recent=b)),
+    "sink": ("StreamingLLM: 4 sinks + the latest", lambda b: dict(scored=False, n_sink=4, recent=b - 4)),
+    "h2o": ("H2O: half heavy hitters, half recent", lambda b: dict(recent=b // 2)),
+    "h2o_mean": ("H2O with mean (observed) attention", lambda b: dict(recent=b // 2, mean=True)),
+    "a2sf": ("A2SF: accumulation with forgetting", lambda b: dict(alpha=0.2)),
+    "vatp": ("VATP: attention x ||v||_1, 4 sinks", lambda b: dict(value_prior=True, n_sink=4, recent=(b - 4) // 2)),
+    "tova": ("TOVA: the newest row's attention", lambda b: dict(alpha=0.0)),
+    "snapkv": ("SnapKV: last-32-row vote, pooled", lambda b: dict(obs_window=32, pool=5, recent=min(32, b // 2))),
+    "random": ("a seeded random subset (a floor)", lambda b: dict(scored=False, random=True)),
+}
+POLICY_NAMES = tuple(_DEFAULTS)
+
+
+def make_policy(name: str, budget: int | None, **overrides) -> Policy:
+    """The policy `name` with its paper's defaults for this budget, then the given overrides.
+
+    Overrides left as None keep the default. For `sink` and `window`, a changed n_sink moves the
+    rest of the budget to the recent window, so the whole budget stays protected.
+    """
+    if name not in _DEFAULTS:
+        raise ValueError(f"unknown policy {name!r}: choose one of {', '.join(POLICY_NAMES)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    b = budget if budget is not None else 0
+    fields = dict(_DEFAULTS[name][1](b))
+    if name in ("sink", "window") and "n_sink" in overrides and "recent" not in overrides:
+        overrides["recent"] = b - overrides["n_sink"]
+    fields.update(overrides)
+    policy = Policy(name=name, **fields)
+    check(policy, budget)
+    return policy
+
+
+def check(policy: Policy, budget: int | None) -> None:
+    """One-line errors for settings that cannot work."""
+    if not 0.0 <= policy.alpha <= 1.0:
+        raise ValueError(f"alpha {policy.alpha} is outside [0, 1]: use a forgetting factor between 0 and 1")
+    if policy.n_sink < 0 or policy.recent < 0:
+        raise ValueError("n_sink and recent must be >= 0")
+    if policy.gqa not in ("sum", "max"):
+        raise ValueError(f"gqa {policy.gqa!r}: use 'sum' or 'max'")
+    if policy.pool < 1 or policy.pool % 2 == 0:
+        raise ValueError(f"pool kernel {policy.pool} must be odd and >= 1")
+    if policy.keep_all:
+        return
+    if budget is None or budget < 1:
+        raise ValueError(f"policy {policy.name} needs a budget >= 1 (give --budget N or --ratio R)")
+    if policy.n_sink + policy.recent > budget:
+        raise ValueError(
+            f"budget {budget} is below the protected slots (n_sink {policy.n_sink} + recent {policy.recent}):"
+            " raise --budget or lower --n-sink / --recent")
+
+
+def aggregate_heads(probs: torch.Tensor, how: str) -> torch.Tensor:
+    """probs (B, Hkv, G, T, S) -> (B, Hkv, T, S) in fp32: the query heads of each KV head's group,
+    summed (A2SF authors' later code) or their max (KVCache-Factory's option)."""
+    probs = probs.to(torch.promote_types(probs.dtype, torch.float32))
+    return probs.sum(dim=2) if how == "sum" else probs.amax(dim=2)
+
+
+def row_weights(policy: Policy, q_pos: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """q_pos (B, T) text positions of this call's rows (< 0: padding) -> (B, T) fp32 weights
+    w[q] * alpha^(t - q), t the newest row. 0^0 = 1, so alpha = 0 keeps the newest row only."""
+    row_valid = q_pos >= 0
+    t = q_pos.amax(dim=-1, keepdim=True)  # (B, 1)
+    age = (t - q_pos).clamp(min=0).to(dtype)  # (B, T)
+    w = torch.pow(torch.tensor(policy.alpha, dtype=dtype, device=q_pos.device), age)
+    if policy.obs_window:  # SnapKV: only the last obs_window rows of the call vote
+        w = w * (q_pos > t - policy.obs_window)
+    return w * row_valid
+
+
+def accumulate(policy: Policy, scores, counts, probs, mask, q_pos, values):
+    """The shared form. One call's update of the running scores.
+
+    scores, counts (B, Hkv, S) fp32; probs (B, Hkv, G, T, S) attention of this call's rows;
+    mask (B, Hkv, T, S) which keys each row saw; q_pos (B, T); values (B, Hkv, S, D).
+    Returns (scores, counts): counts = number of rows that saw each key (for H2O-mean).
+    """
+    A = aggregate_heads(probs, policy.gqa)  # (B, Hkv, T, S)
+    w = row_weights(policy, q_pos, A.dtype)  # (B, T)
+    update = torch.einsum("bgts,bt->bgs", A, w)  # sum_q alpha^(t-q) w[q] A[q, j]
+    if policy.value_prior:  # VATP Eq. 4: attention times the value's l1 norm
+        update = update * values.to(A.dtype).abs().sum(dim=-1)
+    n_rows = (q_pos >= 0).sum(dim=-1).to(A.dtype)  # (B,)
+    decay = torch.pow(torch.tensor(policy.alpha, dtype=A.dtype, device=q_pos.device), n_rows)  # A2SF Eq. 5
+    scores = decay[:, None, None] * scores + update
+    counts = counts + (mask & (q_pos >= 0)[:, None, :, None]).sum(dim=2).to(counts.dtype)
+    return scores, counts
+
+
+def _hash01(x: torch.Tensor) -> torch.Tensor:
+    """A deterministic integer hash (three LCG rounds) mapped to [0, 1); same on CPU and CUDA."""
+    x = x & 0x7FFFFFFF
+    for _ in range(3):
+        x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+    return x.float() / 2**31
+
+
+def pool_scores(scores, key_pos, valid, kernel: int):
+    """SnapKV's 1-D average pooling over neighbouring kept keys in text order (zero-padded ends).
+    scores, key_pos, valid (B, Hkv, S); slots may be in any order."""
+    big = torch.iinfo(key_pos.dtype).max
+    order = torch.where(valid, key_pos, big).argsort(dim=-1, stable=True)  # kept keys first, by position
+    s = torch.where(valid, scores, 0.0).gather(-1, order)  # (B, Hkv, S) in text order
+    B, H, S = s.shape
+    pooled = F.avg_pool1d(s.reshape(B * H, 1, S), kernel, stride=1, padding=kernel // 2).reshape(B, H, S)
+    return torch.empty_like(pooled).scatter_(-1, order, pooled)  # back to slot order
+
+
+def priority(policy: Policy, scores, counts, key_pos, valid, newest, layer: int):
+    """What eviction ranks by, highest kept first: (B, Hkv, S) fp32.
+
+    key_pos, valid (B, Hkv, S); newest (B,) the newest row's position. Protected slots (the
+    n_sink first, the `recent` latest, newest included) get +inf; empty slots -inf. The caller
+    breaks ties by evicting the oldest.
+    """
+    if policy.random:
+        B, H, S = key_pos.shape
+        head = torch.arange(H, device=key_pos.device)[None, :, None]
+        p = _hash01(key_pos * 1000003 + head * 7919 + layer * 104729 + policy.seed * 15485863)
+    elif policy.scored:
+        p = scores / counts.clamp(min=1.0) if policy.mean else scores
+        if policy.pool > 1:
+            p = pool_scores(p, key_pos, valid, policy.pool)
+    else:
+        p = torch.zeros_like(scores)
+    protected = (key_pos < policy.n_sink) | (key_pos > newest[:, None, None] - policy.recent)
+    p = torch.where(protected, float("inf"), p)
+    return torch.where(valid, p, float("-inf"))
