@@ -92,6 +92,8 @@ class LayerCache:
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> View:
         """k, v (B, Hkv, T, D) of the new tokens; positions (B, T). Writes them in, returns the view."""
         B, H, T, D = k.shape
+        if B != self.owner.batch:
+            raise ValueError(f"this cache was made for a batch of {self.owner.batch}, not {B}: make one per batch size")
         if self.held_bound + T > self.capacity:  # decided on shapes, never on tensor values
             self._allocate(self.owner.grow_to(self.held_bound + T, self.capacity))
         slot_ids = torch.arange(self.capacity, device=k.device)

@@ -1,0 +1,227 @@
+"""Generate text through a KV cache that evicts: `python generate.py --policy a2sf`.
+
+The path of one token: generate.py -> load_weights.load -> model.Transformer -> cache.KVCache
+-> policies. Sampling is a few small pure functions; `feed` runs a prompt through the cache in
+the calls its mode asks for; `generate` is the decode loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from cache import MODES, POSITION_SCHEMES, KVCache
+from policies import POLICY_NAMES, make_policy
+
+DEFAULT_PROMPT = (
+    "Read the story and answer the question.\n\n"
+    "Mara kept the lighthouse on the northern cape for eleven winters. Each evening she climbed the "
+    "ninety-two steps, trimmed the wick, wound the clockwork that turned the great lens, and wrote "
+    "the weather in a green ledger. Ships passed far out: colliers bound south, a mail steamer every "
+    "Thursday, and once a tall white schooner that did not answer her signal lamp. In the spring of "
+    "her twelfth year a storm took the landing stage and the supply boat could not come for six weeks. "
+    "She lived on oats, dried fish and the last tins of peaches, and she burned the ledger's spare "
+    "pages to keep the kettle warm, but the light never failed. When the boat finally came, the "
+    "inspector found her asleep at the top of the tower, the lens turning above her, and the last "
+    "line in the ledger read: wind easing, sea calm, all ships seen safe.\n\n"
+    "Question: What did Mara burn to keep the kettle warm, and why could the supply boat not come?"
+)
+
+
+# -- sampling: small pure functions ------------------------------------------------------------
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (B, V); the rest -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of tokens whose probability
+    reaches p (the most likely token always stays)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cum - sorted_logits.softmax(-1) >= p  # mass before this token already reaches p
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
+    """logits (B, V) -> next tokens (B,). temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+# -- running the model through a cache ------------------------------------------------------------
+
+def feed(model, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+    """Run tokens (B, T) through the cache in the calls its mode takes: chunks of `chunk` rows in
+    streaming mode, the whole prompt at once in prefill mode. -> logits (B, T, V), or (B, 1, V)."""
+    T = tokens.shape[1]
+    step = T if cache.mode == "prefill" or cache.budget is None else cache.chunk
+    outs = []
+    for s in range(0, T, step):
+        logits = model(tokens[:, s:s + step], cache)
+        outs.append(logits[:, -1:] if last_only else logits)
+    return outs[-1] if last_only else torch.cat(outs, dim=1)
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, cache: KVCache, max_new_tokens: int, *, temperature=0.0,
+             top_k=0, top_p=1.0, seed=0, eos_id=None, on_token=None):
+    """prompt (B, T) -> new tokens (B, N) and timings {prefill_s, decode_s}."""
+    gen = torch.Generator(device=prompt.device).manual_seed(seed)
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    t0 = time.perf_counter()
+    logits = feed(model, prompt, cache, last_only=True)[:, -1]
+    sync()
+    t1 = time.perf_counter()
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_k, top_p, gen)  # (B,)
+        out.append(nxt)
+        if on_token is not None:
+            on_token(nxt)
+        if eos_id is not None and prompt.shape[0] == 1 and int(nxt[0]) == eos_id:
+            break
+        if len(out) == max_new_tokens:
+            break
+        logits = model(nxt[:, None], cache)[:, -1]
+    sync()
+    t2 = time.perf_counter()
+    new = torch.stack(out, dim=1) if out else prompt.new_zeros(prompt.shape[0], 0)
+    return new, {"prefill_s": t1 - t0, "decode_s": t2 - t1}
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--model", default=None, help="a .gguf, a Hugging Face or a Meta directory (default: SmolLM2-135M)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the model's chat template (default: when it has one)")
+    p.add_argument("--policy", default="a2sf", help=f"one of {', '.join(POLICY_NAMES)}")
+    p.add_argument("--budget", type=int, default=None, help="tokens kept per layer and KV head")
+    p.add_argument("--ratio", type=float, default=None, help="budget as a ratio of the prompt length (default 0.5)")
+    p.add_argument("--alpha", type=float, default=None, help="forgetting factor (a2sf; default 0.2)")
+    p.add_argument("--n-sink", type=int, default=None, help="first tokens never evicted")
+    p.add_argument("--recent", type=int, default=None, help="latest tokens never evicted")
+    p.add_argument("--mode", default="streaming", help=f"one of {', '.join(MODES)}")
+    p.add_argument("--chunk", type=int, default=1, help="prompt rows per call in streaming mode (1 = exact)")
+    p.add_argument("--positions", default="original", help=f"one of {', '.join(POSITION_SCHEMES)}")
+    p.add_argument("--gqa", default="sum", help="sum or max over the query heads of a group")
+    return p
+
+
+def resolve_budget(budget, ratio, prompt_len: int) -> int | None:
+    if budget is not None and ratio is not None:
+        raise ValueError("give --budget or --ratio, not both")
+    if budget is not None:
+        if budget < 1:
+            raise ValueError(f"--budget {budget}: use a number of tokens >= 1")
+        return budget
+    ratio = 0.5 if ratio is None else ratio
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"--ratio {ratio} is outside (0, 1]: give the share of the prompt to keep")
+    return max(1, round(ratio * prompt_len))
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available: use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu or cuda") from None
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:  # LoadError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from load_weights import load
+
+    if args.policy not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {args.policy!r}: choose one of {', '.join(POLICY_NAMES)}")
+    if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
+        raise ValueError(f"--alpha {args.alpha} is outside [0, 1]: use a forgetting factor between 0 and 1")
+    if args.max_new_tokens < 0:
+        raise ValueError("--max-new-tokens must be >= 0")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise ValueError("use --temperature >= 0, --top-k >= 0 and --top-p in (0, 1]")
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty: give some text with --prompt")
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    model, tok = load(args.model, device=device, dtype=dtype)
+    if tok is None:
+        raise ValueError(f"{args.model} has no tokenizer (tokenizer.json or tokenizer.model): add one beside it")
+    use_chat = tok.has_chat_template if args.chat is None else args.chat
+    text = tok.chat(args.prompt) if use_chat else args.prompt
+    ids = tok.encode(text)
+    T, ctx = len(ids), model.cfg.max_seq_len
+    if T > ctx:
+        raise ValueError(f"the prompt is {T} tokens, longer than the model's context of {ctx}: shorten it")
+    if T + args.max_new_tokens > ctx and args.positions == "original":
+        raise ValueError(f"prompt ({T}) + --max-new-tokens ({args.max_new_tokens}) exceed the context of {ctx}:"
+                         " lower --max-new-tokens, or use --positions slot with a budget")
+    budget = None if args.policy == "full" else resolve_budget(args.budget, args.ratio, T)
+    policy = make_policy(args.policy, budget, alpha=args.alpha, n_sink=args.n_sink, recent=args.recent, gqa=args.gqa)
+    cache = KVCache(model.cfg, policy, budget, mode=args.mode, chunk=args.chunk, positions=args.positions,
+                    device=device, dtype=dtype, max_len=T + args.max_new_tokens)
+
+    printed, new_ids = "", []
+
+    def on_token(nxt):  # stream: decode everything so far, print what is new
+        nonlocal printed
+        new_ids.append(int(nxt[0]))
+        s = tok.decode(new_ids)
+        if not s.endswith("\ufffd"):  # wait for a multi-byte character to complete
+            print(s[len(printed):], end="", flush=True)
+            printed = s
+
+    prompt = torch.tensor([ids], device=device)
+    eos = tok.eos_id if use_chat else None
+    new, t = generate(model, prompt, cache, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed, eos_id=eos, on_token=on_token)
+    print(tok.decode(new_ids)[len(printed):])
+    n = new.shape[1]
+    cfg = model.cfg
+    full_bytes = cfg.n_layers * cfg.n_kv_heads * (T + n) * cfg.head_dim * 2 * torch.finfo(dtype).bits // 8
+    kept = int(cache.tokens_held().max())
+    print(f"[{args.policy}] prefill {T} tok {T / t['prefill_s']:.1f} tok/s | decode {n} tok "
+          f"{n / max(t['decode_s'], 1e-9):.1f} tok/s | kept {kept} of {T + n} tokens per KV head "
+          f"(budget {budget if budget is not None else 'all'}) | KV bytes held {cache.nbytes():,}"
+          f" vs full {full_bytes:,} ({100 * cache.nbytes() / full_bytes:.0f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

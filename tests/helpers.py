@@ -1,0 +1,22 @@
+"""Small shared pieces for the tests: tiny random models and running a text through a cache."""
+
+import torch
+
+import model
+import simulate
+
+
+def tiny_model(name="tiny-llama", seed=0, dtype=torch.float32, **overrides):
+    """A tiny random model with non-trivial weights everywhere (norms and biases too)."""
+    torch.manual_seed(seed)
+    m = model.Transformer(model.preset(name, **overrides)).eval()
+    for p in m.parameters():
+        p.data.normal_(0.0, 0.3)
+    return m.to(dtype)
+
+
+def run_through(m, tokens, cache, prompt_len=None):
+    """Feed tokens (B, T) in the calls the masked simulation also makes; -> logits (B, T, V)."""
+    bounds = simulate.call_bounds(tokens.shape[1], cache.mode, cache.chunk, prompt_len)
+    with torch.no_grad():
+        return torch.cat([m(tokens[:, s:e], cache) for s, e in bounds], dim=1)
