@@ -23,7 +23,7 @@ Everything here is a pure function of tensors: no layers, no files, no host sync
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
