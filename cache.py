@@ -31,6 +31,7 @@ The cache never imports the model; it is told the model's shape by its config.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -43,26 +44,28 @@ POSITION_SCHEMES = ("original", "slot")
 
 @dataclass
 class View:
-    """What one attention call's rows may attend to (S = slots in storage)."""
+    """What one attention call's rows may attend to (S = slots in storage, T = new rows)."""
 
     keys: torch.Tensor  # (B, Hkv, S, D)
     values: torch.Tensor  # (B, Hkv, S, D)
     key_pos: torch.Tensor  # (B, Hkv, S) positions to rotate keys by (slot ranks in slot mode)
     query_pos: torch.Tensor  # (B, Hkv, T) positions to rotate queries by (slot mode)
-    mask: torch.Tensor  # (B, Hkv, T, S) bool, True = this row may attend to this slot
+    mask: Callable[[int, int], torch.Tensor]  # (r0, r1) -> (B, Hkv, r1 - r0, S) bool, True = may attend
 
 
 class LayerCache:
+    """One layer's storage. All state is updated in place, so a compiled decode step can be
+    captured as a CUDA graph; host-side bookkeeping (sizes, whether eviction can happen) lives
+    in KVCache._reserve and depends on shapes only."""
+
     def __init__(self, layer: int, owner: "KVCache"):
         self.layer = layer
         self.owner = owner
         self.policy = owner.policy
-        self.budget = owner.budget
         self.rotate_on_read = owner.position_scheme == "slot"
         self.needs_probs = owner.policy.scored
         self.capacity = 0
-        self.held_bound = 0  # host-side upper bound on tokens held by any head (from shapes only)
-        self._allocate(owner.initial_capacity)
+        self._allocate(owner.capacity)
 
     def _allocate(self, capacity: int):
         o = self.owner
@@ -87,15 +90,13 @@ class LayerCache:
             setattr(self, name, t)
         self.capacity = capacity
 
-    # -- the two calls attention makes -------------------------------------------------------
+    # -- the calls attention makes: update, observe (per chunk of rows), evict ----------------
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> View:
         """k, v (B, Hkv, T, D) of the new tokens; positions (B, T). Writes them in, returns the view."""
         B, H, T, D = k.shape
         if B != self.owner.batch:
             raise ValueError(f"this cache was made for a batch of {self.owner.batch}, not {B}: make one per batch size")
-        if self.held_bound + T > self.capacity:  # decided on shapes, never on tensor values
-            self._allocate(self.owner.grow_to(self.held_bound + T, self.capacity))
         slot_ids = torch.arange(self.capacity, device=k.device)
         free_rank = torch.where(self.valid, -1, self.capacity - slot_ids)  # lowest free slot ranks highest
         slots = free_rank.topk(T, dim=-1).indices  # (B, H, T) free slots, increasing
@@ -106,13 +107,8 @@ class LayerCache:
         self.valid.scatter_(2, slots, pos >= 0)
         self.scores.scatter_(2, slots, 0.0)  # a token's score starts when it enters
         self.counts.scatter_(2, slots, 0.0)
-        self.held_bound += T
-        self.q_pos = positions
-
-        causal = self.pos[:, :, None, :] <= positions[:, None, :, None]  # (B, H, T, S)
-        own = torch.zeros(B, H, T, self.capacity, dtype=torch.bool, device=k.device)
-        own.scatter_(-1, slots[..., None], True)  # a padding row sees itself, so softmax is defined
-        self.mask = (self.valid[:, :, None, :] & causal) | own  # (B, H, T, S)
+        self.q_pos, self.slots = positions, slots
+        self.update_sum = torch.zeros_like(self.scores)  # this call's sum over rows (policies.row_update)
         key_pos, query_pos = self.pos, pos
         if self.rotate_on_read:  # StreamingLLM: a key's position is its rank among the kept keys
             big = torch.iinfo(torch.long).max
@@ -121,27 +117,34 @@ class LayerCache:
             key_pos, query_pos = rank, rank.gather(-1, slots)
         return View(self.k, self.v, key_pos, query_pos, self.mask)
 
-    def observe(self, probs: torch.Tensor | None) -> None:
-        """probs (B, Hkv, G, T, S) of the rows just computed (None for unscored policies)."""
-        if self.policy.scored:
-            self.scores, self.counts = policies.accumulate(
-                self.policy, self.scores, self.counts, probs, self.mask, self.q_pos, self.v)
-        self.evict()
+    def mask(self, r0: int, r1: int) -> torch.Tensor:
+        """(B, Hkv, r1 - r0, S): rows r0..r1 of this call see kept keys at or before their position."""
+        q = self.q_pos[:, r0:r1]  # (B, R)
+        causal = self.pos[:, :, None, :] <= q[:, None, :, None]  # (B, H, R, S)
+        own = self.slots[:, :, r0:r1, None] == torch.arange(self.capacity, device=q.device)  # its own slot:
+        return (self.valid[:, :, None, :] & causal) | own  # a padding row sees itself, so softmax is defined
 
-    # -- eviction -----------------------------------------------------------------------------
+    def observe(self, probs: torch.Tensor | None, mask: torch.Tensor, r0: int, r1: int) -> None:
+        """probs (B, Hkv, G, R, S) of rows r0..r1 of this call (None for unscored policies)."""
+        if self.policy.scored:
+            newest = self.q_pos.amax(dim=-1)
+            self.update_sum += policies.row_update(self.policy, probs, self.q_pos[:, r0:r1], newest)
+            self.counts += policies.seen_counts(mask, self.q_pos[:, r0:r1]).to(self.counts.dtype)
 
     def evict(self) -> None:
-        if self.budget is None or self.held_bound <= self.budget:
-            return  # nothing can be over budget yet (scores still accumulate)
+        """After the call's attention: finish the score update, then evict down to the budget."""
+        if self.policy.scored:
+            n_rows = (self.q_pos >= 0).sum(dim=-1)
+            self.scores.copy_(policies.apply_update(self.policy, self.scores, self.update_sum, self.v, n_rows))
+        if not self.owner.evicting:
+            return  # nothing can be over budget yet (decided on shapes in KVCache._reserve)
+        budget = self.owner.budget
         newest = self.q_pos.amax(dim=-1)  # (B,)
         prio = policies.priority(self.policy, self.scores, self.counts, self.pos, self.valid, newest, self.layer)
         if self.q_pos.shape[1] == 1 and self.owner.fast_evict:
-            self.valid = evict_one(prio, self.pos, self.valid, self.budget)
+            self.valid.copy_(evict_one(prio, self.pos, self.valid, budget))
         else:
-            self.valid = keep_top(prio, self.pos, self.valid, self.budget)
-        self.held_bound = min(self.held_bound, self.budget)
-        if self.owner.mode == "prefill" and self.capacity > self.budget + self.owner.chunk:
-            self._allocate(self.budget + self.owner.chunk)  # free the prompt's extra storage
+            self.valid.copy_(keep_top(prio, self.pos, self.valid, budget))
 
 
 def keep_top(prio, pos, valid, budget: int):
@@ -170,7 +173,8 @@ class KVCache:
 
     cfg: model.Config (its shape); policy: policies.Policy; budget: tokens per layer and KV head
     (None only for `full`); pad: (B,) leading padding tokens per sequence; max_len: storage to
-    preallocate for `full` (else it grows by doubling).
+    preallocate for `full` (else it grows by doubling). fast_evict: use evict_one (no sort) for
+    one-token calls; its slow twin keep_top is used otherwise, and a test holds them equal.
     """
 
     def __init__(self, cfg, policy: Policy, budget: int | None = None, *, batch: int = 1,
@@ -193,29 +197,61 @@ class KVCache:
         self.device, self.dtype = torch.device(device), dtype
         self.score_dtype = torch.promote_types(dtype, torch.float32)  # scores in fp32 at least
         self.fast_evict = fast_evict
-        self.compressed = False  # prefill mode: the prompt call is done
-        self.initial_capacity = max_len if self.budget is None and max_len else (self.budget or 0) + chunk
+        self.fixed = self.budget is not None or max_len is not None  # storage never grows in decode
+        self.capacity = self.budget + chunk if self.budget is not None else (max_len or chunk)
+        self.held = 0  # host-side bound on the tokens any head holds after the current call
+        self.evicting = False  # whether the current call can go over budget
+        self.prompt_done = False  # prefill mode: the first call (the prompt) is over
         pad = torch.zeros(batch, dtype=torch.long) if pad is None else torch.as_tensor(pad, dtype=torch.long)
         self.next_pos = (-pad).to(self.device)  # (B,) position of each sequence's next token
         self.layers = [LayerCache(i, self) for i in range(cfg.n_layers)]
 
-    def grow_to(self, needed: int, current: int) -> int:
-        return needed if self.budget is not None else max(needed, 2 * current)
-
     def positions(self, T: int) -> torch.Tensor:
-        """(B, T) text positions of the next T tokens (negative for left padding)."""
-        if self.mode == "streaming" and T > self.chunk and self.budget is not None:
-            raise ValueError(f"streaming mode takes at most chunk={self.chunk} tokens per call:"
+        """Called by the model first in its forward: (B, T) text positions of the next T tokens
+        (negative for left padding). Also makes room for them."""
+        if self.budget is not None and T > self.chunk and (self.mode == "streaming" or self.prompt_done):
+            raise ValueError(f"{self.mode} mode takes at most chunk={self.chunk} tokens per call here:"
                              " feed longer inputs with generate.feed(model, tokens, cache)")
-        if self.mode == "prefill" and self.compressed and T > self.chunk and self.budget is not None:
-            raise ValueError(f"after the prompt, prefill mode takes at most chunk={self.chunk} tokens per call")
+        self._reserve(T)
         return self.next_pos[:, None] + torch.arange(T, device=self.device)
+
+    def _reserve(self, T: int) -> None:
+        """Host-side bookkeeping from shapes alone (no host sync): grow storage if the call cannot
+        fit (the prompt in prefill mode, or `full` with no max_len), decide whether it evicts.
+        In the decode steady state nothing here changes, so a compiled step never recompiles."""
+        if self.budget is None and self.fixed:
+            if not torch.compiler.is_compiling():  # eager: refuse to overrun a preallocated full cache
+                if self.held + T > self.capacity:
+                    raise ValueError(f"the full cache holds max_len={self.capacity} tokens: make it larger")
+                self.held += T
+            return
+        needed = self.held + T
+        if needed > self.capacity:
+            grown = needed if self.budget is not None else max(needed, 2 * self.capacity)
+            for layer in self.layers:
+                layer._allocate(grown)
+            self.capacity = grown
+        self.evicting = self.budget is not None and needed > self.budget
+        self.held = needed if self.budget is None else min(needed, self.budget)
 
     def advance(self, T: int) -> None:
         """Called by the model at the end of its forward."""
-        self.next_pos = self.next_pos + T
-        if self.mode == "prefill":
-            self.compressed = True
+        self.next_pos += T
+        if self.mode == "prefill" and not self.prompt_done:
+            self.prompt_done = True
+            if self.budget is not None and self.capacity > self.budget + self.chunk:
+                for layer in self.layers:  # prefill, then compress: free the prompt's storage
+                    layer._allocate(self.budget + self.chunk)
+                self.capacity = self.budget + self.chunk
+
+    def reset(self, pad=None) -> None:
+        """Empty the cache in place for a new batch of texts (same shapes: no new compile)."""
+        for layer in self.layers:
+            layer.valid.zero_()
+            layer.pos.fill_(-1)
+        pad = torch.zeros(self.batch, dtype=torch.long) if pad is None else torch.as_tensor(pad, dtype=torch.long)
+        self.next_pos.copy_(-pad)
+        self.held, self.evicting, self.prompt_done = 0, False, False
 
     # -- inspection (host side; not for the decode step) ---------------------------------------
 

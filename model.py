@@ -146,6 +146,9 @@ def attend(q, k, v, mask, need_probs: bool):
     return out, None
 
 
+ATTN_ELEMENTS = 2**26  # attention with a cache runs in row chunks of at most this many scores (256 MB fp32)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -195,8 +198,17 @@ class Attention(nn.Module):
         k_all = view.keys
         if layer_cache.rotate_on_read:  # slot positions (StreamingLLM 3.2): rotate at read time
             q, k_all = self.rope(q, view.query_pos), self.rope(k_all, view.key_pos)
-        out, probs = attend(q, k_all, view.values, view.mask, need_probs=explicit or layer_cache.needs_probs)
-        layer_cache.observe(probs)  # score update and eviction, after this layer's attention
+        need_probs = explicit or layer_cache.needs_probs
+        B, Hkv, G, T, D = q.shape
+        rows = max(1, min(T, ATTN_ELEMENTS // (B * Hkv * G * k_all.shape[2])))  # rows per chunk: no T x S buffer
+        outs = []
+        for r0 in range(0, T, rows):
+            mask = view.mask(r0, r0 + rows)  # (B, Hkv, R, S)
+            out, probs = attend(q[:, :, :, r0:r0 + rows], k_all, view.values, mask, need_probs)
+            layer_cache.observe(probs, mask, r0, r0 + rows)  # the policy's score update, chunk by chunk
+            outs.append(out)
+        layer_cache.evict()  # after this layer's attention, before the next layer runs
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)  # (B, Hkv, G, T, D)
         return self.output(out)
 
 

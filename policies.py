@@ -108,11 +108,11 @@ def aggregate_heads(probs: torch.Tensor, how: str) -> torch.Tensor:
     return probs.sum(dim=2) if how == "sum" else probs.amax(dim=2)
 
 
-def row_weights(policy: Policy, q_pos: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """q_pos (B, T) text positions of this call's rows (< 0: padding) -> (B, T) fp32 weights
-    w[q] * alpha^(t - q), t the newest row. 0^0 = 1, so alpha = 0 keeps the newest row only."""
+def row_weights(policy: Policy, q_pos: torch.Tensor, newest: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """q_pos (B, R) text positions of rows (< 0: padding), newest (B,) the call's newest row t
+    -> (B, R) weights w[q] * alpha^(t - q). 0^0 = 1, so alpha = 0 keeps the newest row only."""
     row_valid = q_pos >= 0
-    t = q_pos.amax(dim=-1, keepdim=True)  # (B, 1)
+    t = newest[:, None]  # (B, 1)
     age = (t - q_pos).clamp(min=0).to(dtype)  # (B, T)
     w = torch.pow(torch.tensor(policy.alpha, dtype=dtype, device=q_pos.device), age)
     if policy.obs_window:  # SnapKV: only the last obs_window rows of the call vote
@@ -120,23 +120,42 @@ def row_weights(policy: Policy, q_pos: torch.Tensor, dtype=torch.float32) -> tor
     return w * row_valid
 
 
-def accumulate(policy: Policy, scores, counts, probs, mask, q_pos, values):
-    """The shared form. One call's update of the running scores.
+def row_update(policy: Policy, probs, q_pos, newest):
+    """The inner sum of the shared form for some of a call's rows: (B, Hkv, S) fp32
+    sum_q alpha^(t - q) w[q] sum_{h in G(g)} A[h, q, j].
 
-    scores, counts (B, Hkv, S) fp32; probs (B, Hkv, G, T, S) attention of this call's rows;
+    probs (B, Hkv, G, R, S) attention of R rows; q_pos (B, R) their positions; newest (B,) the
+    newest row of the whole call (t). Rows may come in chunks: the updates of the chunks add up.
+    """
+    A = aggregate_heads(probs, policy.gqa)  # (B, Hkv, R, S)
+    w = row_weights(policy, q_pos, newest, A.dtype)  # (B, R)
+    return torch.einsum("bgrs,br->bgs", A, w)
+
+
+def apply_update(policy: Policy, scores, update, values, n_rows):
+    """s <- alpha^(n_rows) s + nu * update (A2SF Eq. 5; VATP Eq. 4 for nu = ||v||_1).
+    scores, update (B, Hkv, S); values (B, Hkv, S, D); n_rows (B,) rows of the call."""
+    if policy.value_prior:
+        update = update * values.to(update.dtype).abs().sum(dim=-1)
+    decay = torch.pow(torch.tensor(policy.alpha, dtype=update.dtype, device=update.device), n_rows.to(update.dtype))
+    return decay[:, None, None] * scores + update
+
+
+def accumulate(policy: Policy, scores, counts, probs, mask, q_pos, values):
+    """The shared form, one whole call at once (what the masked simulation uses).
+
+    scores, counts (B, Hkv, S); probs (B, Hkv, G, T, S) attention of this call's rows;
     mask (B, Hkv, T, S) which keys each row saw; q_pos (B, T); values (B, Hkv, S, D).
     Returns (scores, counts): counts = number of rows that saw each key (for H2O-mean).
     """
-    A = aggregate_heads(probs, policy.gqa)  # (B, Hkv, T, S)
-    w = row_weights(policy, q_pos, A.dtype)  # (B, T)
-    update = torch.einsum("bgts,bt->bgs", A, w)  # sum_q alpha^(t-q) w[q] A[q, j]
-    if policy.value_prior:  # VATP Eq. 4: attention times the value's l1 norm
-        update = update * values.to(A.dtype).abs().sum(dim=-1)
-    n_rows = (q_pos >= 0).sum(dim=-1).to(A.dtype)  # (B,)
-    decay = torch.pow(torch.tensor(policy.alpha, dtype=A.dtype, device=q_pos.device), n_rows)  # A2SF Eq. 5
-    scores = decay[:, None, None] * scores + update
-    counts = counts + (mask & (q_pos >= 0)[:, None, :, None]).sum(dim=2).to(counts.dtype)
-    return scores, counts
+    update = row_update(policy, probs, q_pos, q_pos.amax(dim=-1))
+    scores = apply_update(policy, scores, update, values, (q_pos >= 0).sum(dim=-1))
+    return scores, counts + seen_counts(mask, q_pos).to(counts.dtype)
+
+
+def seen_counts(mask, q_pos):
+    """mask (B, Hkv, R, S), q_pos (B, R) -> (B, Hkv, S): how many real rows saw each key."""
+    return (mask & (q_pos >= 0)[:, None, :, None]).sum(dim=2)
 
 
 def _hash01(x: torch.Tensor) -> torch.Tensor:

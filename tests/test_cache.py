@@ -214,3 +214,19 @@ def test_cache_errors_are_one_line():
     c = KVCache(model_mod.preset("tiny-llama"), p, 8, chunk=2)
     with pytest.raises(ValueError, match="chunk=2"):
         c.positions(5)
+
+
+@pytest.mark.parametrize("policy_name", ["a2sf", "snapkv", "sink", "h2o_mean"])
+def test_attention_in_row_chunks_equals_one_chunk(policy_name, monkeypatch):
+    """The prefill fast path (rows in chunks, no T x S buffer) equals its slow twin (all rows at once)."""
+    m = tiny_model("tiny-llama")
+    tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(5))
+    p = policies.make_policy(policy_name, 12)
+    outs, kept = [], []
+    for elements in (2**26, 2 * 4 * 52 * 3):  # one chunk; then 3 rows per chunk
+        monkeypatch.setattr(model_mod, "ATTN_ELEMENTS", elements)
+        c = KVCache(m.cfg, p, 12, batch=2, mode="prefill")
+        outs.append(run_through(m, tokens, c, prompt_len=30))
+        kept.append([c.kept_positions(i) for i in range(m.cfg.n_layers)])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
+    assert kept[0] == kept[1]
