@@ -74,16 +74,31 @@ def feed(model, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -
     return outs[-1] if last_only else torch.cat(outs, dim=1)
 
 
+def compile_decode(model, cache: KVCache, backend: str = "inductor"):
+    """The fast path (gpt-fast style): one decode step, score update and eviction included,
+    compiled with torch.compile and, on CUDA, captured as a CUDA graph. The cache's state is
+    updated in place and marked static, so the graph replays on the same memory every step.
+    Its slow twin is `model(tokens, cache)`; a test holds the two equal."""
+    for layer in cache.layers:
+        for t in (layer.k, layer.v, layer.pos, layer.valid, layer.scores, layer.counts):
+            torch._dynamo.mark_static_address(t)
+    torch._dynamo.mark_static_address(cache.next_pos)
+    mode = "reduce-overhead" if backend == "inductor" and cache.device.type == "cuda" else None
+    return torch.compile(lambda tokens: model(tokens, cache), backend=backend, mode=mode, fullgraph=True)
+
+
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, cache: KVCache, max_new_tokens: int, *, temperature=0.0,
-             top_k=0, top_p=1.0, seed=0, eos_id=None, on_token=None):
-    """prompt (B, T) -> new tokens (B, N) and timings {prefill_s, decode_s}."""
+             top_k=0, top_p=1.0, seed=0, eos_id=None, on_token=None, compile=False):
+    """prompt (B, T) -> new tokens (B, N) and timings {prefill_s, decode_s}.
+    compile=True decodes with compile_decode (the prompt still runs eagerly)."""
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     t0 = time.perf_counter()
     logits = feed(model, prompt, cache, last_only=True)[:, -1]
     sync()
     t1 = time.perf_counter()
+    step = compile_decode(model, cache) if compile else (lambda tokens: model(tokens, cache))
     out = []
     for _ in range(max_new_tokens):
         nxt = sample(logits, temperature, top_k, top_p, gen)  # (B,)
@@ -94,7 +109,7 @@ def generate(model, prompt: torch.Tensor, cache: KVCache, max_new_tokens: int, *
             break
         if len(out) == max_new_tokens:
             break
-        logits = model(nxt[:, None], cache)[:, -1]
+        logits = step(nxt[:, None])[:, -1]
     sync()
     t2 = time.perf_counter()
     new = torch.stack(out, dim=1) if out else prompt.new_zeros(prompt.shape[0], 0)
@@ -119,6 +134,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="a .gguf, a Hugging Face or a Meta directory (default: SmolLM2-135M)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the model's chat template (default: when it has one)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graph on a GPU)")
+    add_policy_args(p)
+    return p
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    """The eviction flags, shared with evaluate.py."""
     p.add_argument("--policy", default="a2sf", help=f"one of {', '.join(POLICY_NAMES)}")
     p.add_argument("--budget", type=int, default=None, help="tokens kept per layer and KV head")
     p.add_argument("--ratio", type=float, default=None, help="budget as a ratio of the prompt length (default 0.5)")
@@ -129,7 +151,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=1, help="prompt rows per call in streaming mode (1 = exact)")
     p.add_argument("--positions", default="original", help=f"one of {', '.join(POSITION_SCHEMES)}")
     p.add_argument("--gqa", default="sum", help="sum or max over the query heads of a group")
-    return p
+
+
+def cache_from_args(args, cfg, prompt_len: int, *, batch=1, device="cpu", dtype=torch.float32, max_len=None, pad=None):
+    """The KVCache the flags describe (budget from --budget, or --ratio of prompt_len)."""
+    if args.policy not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {args.policy!r}: choose one of {', '.join(POLICY_NAMES)}")
+    if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
+        raise ValueError(f"--alpha {args.alpha} is outside [0, 1]: use a forgetting factor between 0 and 1")
+    budget = None if args.policy == "full" else resolve_budget(args.budget, args.ratio, prompt_len)
+    policy = make_policy(args.policy, budget, alpha=args.alpha, n_sink=args.n_sink, recent=args.recent, gqa=args.gqa)
+    return KVCache(cfg, policy, budget, batch=batch, mode=args.mode, chunk=args.chunk, positions=args.positions,
+                   device=device, dtype=dtype, max_len=max_len, pad=pad)
 
 
 def resolve_budget(budget, ratio, prompt_len: int) -> int | None:
@@ -168,10 +201,8 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from load_weights import load
 
-    if args.policy not in POLICY_NAMES:
+    if args.policy not in POLICY_NAMES:  # checked before the (slow) load
         raise ValueError(f"unknown policy {args.policy!r}: choose one of {', '.join(POLICY_NAMES)}")
-    if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
-        raise ValueError(f"--alpha {args.alpha} is outside [0, 1]: use a forgetting factor between 0 and 1")
     if args.max_new_tokens < 0:
         raise ValueError("--max-new-tokens must be >= 0")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
@@ -192,10 +223,8 @@ def run(args) -> int:
     if T + args.max_new_tokens > ctx and args.positions == "original":
         raise ValueError(f"prompt ({T}) + --max-new-tokens ({args.max_new_tokens}) exceed the context of {ctx}:"
                          " lower --max-new-tokens, or use --positions slot with a budget")
-    budget = None if args.policy == "full" else resolve_budget(args.budget, args.ratio, T)
-    policy = make_policy(args.policy, budget, alpha=args.alpha, n_sink=args.n_sink, recent=args.recent, gqa=args.gqa)
-    cache = KVCache(model.cfg, policy, budget, mode=args.mode, chunk=args.chunk, positions=args.positions,
-                    device=device, dtype=dtype, max_len=T + args.max_new_tokens)
+    cache = cache_from_args(args, model.cfg, T, device=device, dtype=dtype, max_len=T + args.max_new_tokens)
+    budget = cache.budget
 
     printed, new_ids = "", []
 
@@ -210,7 +239,7 @@ def run(args) -> int:
     prompt = torch.tensor([ids], device=device)
     eos = tok.eos_id if use_chat else None
     new, t = generate(model, prompt, cache, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, seed=args.seed, eos_id=eos, on_token=on_token)
+                      top_p=args.top_p, seed=args.seed, eos_id=eos, on_token=on_token, compile=args.compile)
     print(tok.decode(new_ids)[len(printed):])
     n = new.shape[1]
     cfg = model.cfg
