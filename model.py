@@ -126,24 +126,33 @@ def attend(q, k, v, mask, need_probs: bool):
     """Attention of query rows over a set of keys, per KV-head group.
 
     q (B, Hkv, G, T, D), k and v (B, Hkv, S, D), mask (B, Hkv, T, S) bool (True = may attend).
-    Returns out (B, Hkv, G, T, D) and the probabilities (B, Hkv, G, T, S) in fp32, or None.
+    Returns out (B, Hkv, G, T, D) and the probabilities (B, Hkv, G, T, S), or None.
+    The G query heads of a group are folded into the rows, so keys and values are never copied
+    per query head.
 
-    need_probs: the explicit path, softmax(q k^T / sqrt(D)) (Vaswani et al. 2017, Eq. 1), whose
-    probabilities a scoring policy needs. Otherwise the fused scaled_dot_product_attention,
-    which returns no probabilities. A test holds the two paths equal.
+    need_probs: the explicit path, softmax(q k^T / sqrt(D)) (Vaswani et al. 2017, Eq. 1) in fp32
+    at least, whose probabilities a scoring policy needs. Otherwise the fused
+    scaled_dot_product_attention, which returns none. A test holds the two paths equal.
     """
-    if need_probs:
-        ct = torch.promote_types(q.dtype, torch.float32)  # fp32 at least, whatever the model's dtype
-        scores = q.to(ct) @ k.to(ct)[:, :, None].transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, Hkv, G, T, S)
-        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-        probs = scores.softmax(dim=-1)  # (B, Hkv, G, T, S)
-        out = (probs.to(v.dtype) @ v[:, :, None])  # (B, Hkv, G, T, D)
-        return out, probs
     B, Hkv, G, T, D = q.shape
-    kx = k[:, :, None].expand(B, Hkv, G, k.shape[2], D)  # (B, Hkv, G, S, D): a view, no copy
-    vx = v[:, :, None].expand(B, Hkv, G, v.shape[2], D)
-    out = F.scaled_dot_product_attention(q, kx, vx, attn_mask=mask[:, :, None])  # (B, Hkv, G, T, D)
-    return out, None
+    S = k.shape[2]
+    rows = q.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D)
+    if need_probs:
+        ct = torch.promote_types(q.dtype, torch.float32)
+        scores = (rows.to(ct) @ k.to(ct).transpose(-1, -2)).view(B, Hkv, G, T, S) / math.sqrt(D)  # (B, Hkv, G, T, S)
+        probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=-1)
+        out = probs.to(v.dtype).view(B, Hkv, G * T, S) @ v  # (B, Hkv, G*T, D)
+        return out.view(B, Hkv, G, T, D), probs
+    group_mask = mask[:, :, None].expand(B, Hkv, G, T, S).reshape(B, Hkv, G * T, S)
+    out = F.scaled_dot_product_attention(rows, k, v, attn_mask=group_mask)  # (B, Hkv, G*T, D)
+    return out.view(B, Hkv, G, T, D), None
+
+
+def causal_attention(q, k, v):
+    """No cache: the fused causal kernel. q (B, Hkv, G, T, D), k and v (B, Hkv, T, D)."""
+    B, Hkv, G, T, D = q.shape
+    out = F.scaled_dot_product_attention(q.reshape(B, Hkv * G, T, D), k, v, is_causal=True, enable_gqa=True)
+    return out.view(B, Hkv, G, T, D)
 
 
 ATTN_ELEMENTS = 2**26  # attention with a cache runs in row chunks of at most this many scores (256 MB fp32)
@@ -188,9 +197,11 @@ class Attention(nn.Module):
         q, k, v = self.project(x)
         if layer_cache is None:  # plain causal attention over this call's rows
             q, k = self.rope(q, positions), self.rope(k, positions)
+            if not explicit:
+                return self.output(causal_attention(q, k, v))
             mask = (positions[:, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, T)
             mask = mask.expand(x.shape[0], self.cfg.n_kv_heads, *mask.shape[-2:])  # (B, Hkv, T, T)
-            out, _ = attend(q, k, v, mask, need_probs=explicit)
+            out, _ = attend(q, k, v, mask, need_probs=True)
             return self.output(out)
         if not layer_cache.rotate_on_read:  # original positions: keys are stored rotated
             q, k = self.rope(q, positions), self.rope(k, positions)
