@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from cache import MODES, POSITION_SCHEMES, KVCache
+from cache import POSITION_SCHEMES, KVCache
 from policies import POLICY_NAMES, make_policy
 
 DEFAULT_PROMPT = (
@@ -147,7 +147,7 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None, help="forgetting factor (a2sf; default 0.2)")
     p.add_argument("--n-sink", type=int, default=None, help="first tokens never evicted")
     p.add_argument("--recent", type=int, default=None, help="latest tokens never evicted")
-    p.add_argument("--mode", default="streaming", help=f"one of {', '.join(MODES)}")
+    p.add_argument("--mode", default="prefill", help="prefill (prompt whole, then compress) or streaming (evict per chunk)")
     p.add_argument("--chunk", type=int, default=1, help="prompt rows per call in streaming mode (1 = exact)")
     p.add_argument("--positions", default="original", help=f"one of {', '.join(POSITION_SCHEMES)}")
     p.add_argument("--gqa", default="sum", help="sum or max over the query heads of a group")

@@ -1,0 +1,222 @@
+"""bench.py: decode and prefill speed through the evicting cache, side by side with Hugging Face
+transformers on the same weights and with the memory-bandwidth bound, in one run.
+
+    python bench.py                                   # the default grid (GPU)
+    python bench.py --models tiny --contexts 64 --new-tokens 8 --no-hf   # a smoke run on the CPU
+
+Each row: one model, policy, budget, context and batch. Prefill: the context in one call (prefill
+mode: attended whole, scores accumulated in row chunks, then compressed to the budget). Decode:
+`--new-tokens` greedy steps with the compiled step (generate.compile_decode: CUDA graph,
+eviction inside), timed with CUDA events, no host sync inside the loop. The bound is
+batch * copy bandwidth / bytes read per step (weights + the kept keys and values), with the
+copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import generate
+import model as model_mod
+import policies
+from cache import KVCache
+
+
+def now(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def copy_bandwidth(device, nbytes=2**30) -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t0 = now(device)
+    for _ in range(5):
+        dst.copy_(src)
+    return 2 * nbytes * 5 / (now(device) - t0)
+
+
+def build_model(name, device, dtype, weights=None):
+    if name == "smollm2" and weights != "random":
+        from load_weights import load
+        m, _ = load(weights, device=device, dtype=dtype)
+        return m, "SmolLM2-135M (real weights)"
+    cfg = {"smollm2": model_mod.preset("smollm2-135m"), "llama7b": model_mod.preset("llama-2-7b"),
+           "tiny": model_mod.preset("tiny-llama")}[name]
+    with torch.device(device):
+        m = model_mod.Transformer(cfg).to(dtype).eval()  # random weights: speed does not depend on values
+    return m, f"{name} shape (random weights)"
+
+
+def to_hf(m):
+    """The same weights as a transformers LlamaForCausalLM (our rotary layout is HF's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    c = m.cfg
+    hf_cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim,
+                         num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+                         head_dim=c.head_dim, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                         max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings)
+    names = {"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head", "attn.wq": "self_attn.q_proj",
+             "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj",
+             "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "mlp.w_gate": "mlp.gate_proj",
+             "mlp.w_up": "mlp.up_proj", "mlp.w_down": "mlp.down_proj"}
+    sd = {}
+    for k, v in m.state_dict().items():
+        parts = k.split(".")
+        if parts[0] == "layers":
+            sd[f"model.layers.{parts[1]}." + names[".".join(parts[2:-1])] + "." + parts[-1]] = v
+        else:
+            sd[names[parts[0]] + "." + parts[-1]] = v
+    with torch.device(m.device):
+        hf = LlamaForCausalLM(hf_cfg).to(m.dtype).eval()
+    hf.load_state_dict(sd, strict=False)
+    return hf
+
+
+def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step, device):
+    cfg = m.cfg
+    p = policies.make_policy(policy_name, budget)
+    cache = KVCache(cfg, p, budget, batch=batch, mode="prefill", device=device, dtype=m.dtype,
+                    max_len=context + new_tokens + 8)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, context), device=device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        t0 = now(device)
+        logits = m(tokens, cache)[:, -1]
+        prefill_s = now(device) - t0
+        step = generate.compile_decode(m, cache) if compile_step else (lambda t: m(t, cache))
+        nxt = logits.argmax(-1)[:, None]
+        for _ in range(3):  # warm-up: compile and capture the graph
+            nxt = step(nxt.clone())[:, -1].argmax(-1)[:, None]
+        t0 = now(device)
+        for _ in range(new_tokens):
+            nxt = step(nxt.clone())[:, -1].argmax(-1)[:, None]  # stays on the device: no host sync
+        decode_s = now(device) - t0
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    kept = int(cache.tokens_held().max())
+    return dict(prefill_tok_s=batch * context / prefill_s, decode_tok_s=batch * new_tokens / decode_s,
+                ms_per_step=1000 * decode_s / new_tokens, peak_gb=peak / 2**30, kv_bytes=cache.nbytes(), kept=kept)
+
+
+def bench_hf(hf, context, batch, new_tokens, device, static: bool):
+    """transformers' generate, greedy; decode time = (N+1 tokens) - (1 token)."""
+    tokens = torch.randint(0, hf.config.vocab_size, (batch, context), device=device)
+    kw = dict(do_sample=False, pad_token_id=0)
+    if static:
+        kw.update(cache_implementation="static")
+
+    def run(n):
+        t0 = now(device)
+        hf.generate(tokens, max_new_tokens=n, min_new_tokens=n, **kw)
+        return now(device) - t0
+
+    with torch.no_grad():
+        run(4)  # warm-up (and compile, for the static cache)
+        run(4)
+        one, many = run(1), run(new_tokens + 1)
+    return dict(prefill_tok_s=batch * context / one, decode_tok_s=batch * new_tokens / (many - one))
+
+
+def step_bytes(m, cache_kv_bytes):
+    """Bytes one decode step must read: every weight once (the embedding row aside), plus the cache."""
+    weights = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if n != "tok_emb.weight")
+    if m.cfg.tie_embeddings:
+        weights += m.tok_emb.weight.numel() * m.tok_emb.weight.element_size()  # the output head reads it
+    return weights + cache_kv_bytes
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="smollm2,llama7b")
+    ap.add_argument("--weights", default=None, help="SmolLM2 checkpoint (default: the embedded GGUF; 'random' for random)")
+    ap.add_argument("--contexts", default="1024,4096,16384")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--policies", default="full,window,sink,h2o,a2sf,vatp")
+    ap.add_argument("--budgets", default="256,1024", help="tokens; 'r0.2' = 20%% of the context")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--long", default="32768", help="extra contexts for the 7B shape, with budgets only")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--no-compile", action="store_true", help="decode eagerly (the slow twin)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default="bfloat16", choices=generate.DTYPES)
+    ap.add_argument("--out", default="results/bench.json")
+    args = ap.parse_args(argv)
+    device = generate.pick_device(args.device)
+    dtype = generate.DTYPES[args.dtype]
+    ints = lambda s: [int(x) for x in s.split(",") if x]
+    bw = copy_bandwidth(device) if device.type == "cuda" else float("nan")
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"# {gpu}, torch {torch.__version__}, {args.dtype}, copy bandwidth {bw / 1e9:.0f} GB/s")
+    header = ("model", "impl", "policy", "budget", "ctx", "B", "prefill tok/s", "decode tok/s", "ms/step",
+              "peak GB", "KV MB", "vs full", "% bound")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        cells = [row["model"], row["impl"], row["policy"], row.get("budget", "-"), row["ctx"], row["batch"],
+                 f"{row['prefill_tok_s']:.0f}", f"{row['decode_tok_s']:.1f}", f"{row.get('ms_per_step', 0):.2f}",
+                 f"{row.get('peak_gb', 0):.2f}", f"{row.get('kv_bytes', 0) / 2**20:.0f}",
+                 f"{row.get('vs_full', float('nan')):.2f}", f"{row.get('pct_bound', float('nan')):.0f}"]
+        print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+
+    for model_name in args.models.split(","):
+        m, label = build_model(model_name, device, dtype, args.weights)
+        hf = None if args.no_hf else to_hf(m)
+        contexts = ints(args.contexts) + (ints(args.long) if model_name == "llama7b" else [])
+        for ctx in contexts:
+            for batch in ints(args.batches):
+                if model_name == "llama7b" and batch > 1 and ctx > 4096:
+                    continue  # 8 x 16k x 7B of full KV is past one GPU's memory
+                full = None
+                for pol in args.policies.split(","):
+                    budgets = [None] if pol == "full" else [
+                        round(float(b[1:]) * ctx) if b.startswith("r") else int(b) for b in args.budgets.split(",")]
+                    for budget in budgets:
+                        if budget is not None and budget >= ctx:
+                            continue
+                        if pol == "full" and ctx > 16384 and batch > 1:
+                            continue
+                        torch._dynamo.reset()
+                        try:
+                            r = bench_ours(m, pol, budget, ctx, batch, args.new_tokens, not args.no_compile, device)
+                        except torch.OutOfMemoryError:
+                            print(f"| {model_name} | ours | {pol} | {budget} | {ctx} | {batch} | out of memory |")
+                            continue
+                        r.update(model=model_name, impl="ours", policy=pol, budget=budget or "-", ctx=ctx, batch=batch)
+                        r["pct_bound"] = 100 * r["decode_tok_s"] / (batch * bw / step_bytes(m, r["kv_bytes"]))
+                        full = r if pol == "full" else full
+                        r["vs_full"] = (r["decode_tok_s"] / full["decode_tok_s"]) if full else float("nan")
+                        emit(r)
+                if hf is not None and batch == 1 and ctx <= 4096:
+                    for static in (False, True):
+                        torch._dynamo.reset()
+                        try:
+                            r = bench_hf(hf, ctx, batch, args.new_tokens, device, static)
+                        except Exception as e:  # report and go on: the table is the product
+                            print(f"| {model_name} | transformers {'static' if static else 'dynamic'} | failed: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:80]} |")
+                            continue
+                        r.update(model=model_name, impl="hf-static-compiled" if static else "hf-default", policy="full",
+                                 ctx=ctx, batch=batch)
+                        r["vs_full"] = r["decode_tok_s"] / full["decode_tok_s"] if full else float("nan")
+                        emit(r)
+        del m, hf
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(dict(device=gpu, torch=torch.__version__, copy_bandwidth=bw, dtype=args.dtype,
+                                              args=vars(args), rows=rows), indent=1))
+    print(f"# wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
