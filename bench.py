@@ -81,10 +81,13 @@ def to_hf(m):
     return hf
 
 
-def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step, device):
+def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step, device, mode="prefill"):
+    """mode prefill: the context in one call, then compress. streaming: calls of 512 rows, evicting
+    after each, so even the prefill never holds more than budget + 512 tokens."""
     cfg = m.cfg
     p = policies.make_policy(policy_name, budget)
-    cache = KVCache(cfg, p, budget, batch=batch, mode="prefill", device=device, dtype=m.dtype,
+    chunk = 512 if mode == "streaming" else 1
+    cache = KVCache(cfg, p, budget, batch=batch, mode=mode, chunk=chunk, device=device, dtype=m.dtype,
                     max_len=context + new_tokens + 8)
     tokens = torch.randint(0, cfg.vocab_size, (batch, context), device=device)
     if device.type == "cuda":
@@ -92,19 +95,21 @@ def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step,
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         t0 = now(device)
-        logits = m(tokens, cache)[:, -1]
+        logits = generate.feed(m, tokens, cache, last_only=True)[:, -1]
         prefill_s = now(device) - t0
         step = generate.compile_decode(m, cache) if compile_step else (lambda t: m(t, cache))
         nxt = logits.argmax(-1)[:, None]
+        t0 = now(device)
         for _ in range(3):  # warm-up: compile and capture the graph
             nxt = step(nxt.clone())[:, -1].argmax(-1)[:, None]
+        compile_s = now(device) - t0
         t0 = now(device)
         for _ in range(new_tokens):
             nxt = step(nxt.clone())[:, -1].argmax(-1)[:, None]  # stays on the device: no host sync
         decode_s = now(device) - t0
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     kept = int(cache.tokens_held().max())
-    return dict(prefill_tok_s=batch * context / prefill_s, decode_tok_s=batch * new_tokens / decode_s,
+    return dict(prefill_tok_s=batch * context / prefill_s, decode_tok_s=batch * new_tokens / decode_s, compile_s=compile_s,
                 ms_per_step=1000 * decode_s / new_tokens, peak_gb=peak / 2**30, kv_bytes=cache.nbytes(), kept=kept)
 
 
@@ -135,8 +140,36 @@ def step_bytes(m, cache_kv_bytes):
     return weights + cache_kv_bytes
 
 
+# The rows the README's targets need (issue 6): model, policy, budget ('r0.2' = 20% of ctx), ctx, batch.
+PLANS = {
+    "targets-7b": [("llama7b", "full", None, 1024, 1), ("llama7b", "full", None, 1024, 8),
+                   ("llama7b", "full", None, 2048, 1), ("llama7b", "h2o", 1024, 2048, 1),
+                   ("llama7b", "a2sf", 1024, 2048, 1), ("llama7b", "vatp", 1024, 2048, 1),
+                   ("llama7b", "full", None, 32768, 1), ("llama7b", "a2sf", "r0.2", 32768, 1, "streaming")],
+    "targets-smollm2": [("smollm2", "full", None, 1024, 1), ("smollm2", "full", None, 1024, 8),
+                        ("smollm2", "a2sf", 256, 1024, 1), ("smollm2", "sink", 256, 1024, 1),
+                        ("smollm2", "window", 256, 1024, 1), ("smollm2", "h2o", 256, 1024, 8),
+                        ("smollm2", "full", None, 16384, 1), ("smollm2", "a2sf", "r0.2", 16384, 1),
+                        ("smollm2", "a2sf", "r0.2", 16384, 1, "streaming")],
+}
+
+
+def grid(args):
+    ints = lambda s: [int(x) for x in s.split(",") if x]
+    rows = []
+    for model_name in args.models.split(","):
+        contexts = ints(args.contexts) + (ints(args.long) if model_name == "llama7b" else [])
+        for ctx in contexts:
+            for batch in ints(args.batches):
+                for pol in args.policies.split(","):
+                    for budget in ([None] if pol == "full" else args.budgets.split(",")):
+                        rows.append((model_name, pol, budget, ctx, batch))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--plan", choices=PLANS, default=None, help="a fixed list of rows instead of the grid")
     ap.add_argument("--models", default="smollm2,llama7b")
     ap.add_argument("--weights", default=None, help="SmolLM2 checkpoint (default: the embedded GGUF; 'random' for random)")
     ap.add_argument("--contexts", default="1024,4096,16384")
@@ -144,7 +177,7 @@ def main(argv=None):
     ap.add_argument("--policies", default="full,window,sink,h2o,a2sf,vatp")
     ap.add_argument("--budgets", default="256,1024", help="tokens; 'r0.2' = 20%% of the context")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--long", default="32768", help="extra contexts for the 7B shape, with budgets only")
+    ap.add_argument("--long", default="32768", help="extra contexts for the 7B shape")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--no-compile", action="store_true", help="decode eagerly (the slow twin)")
     ap.add_argument("--device", default=None)
@@ -153,68 +186,61 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = generate.pick_device(args.device)
     dtype = generate.DTYPES[args.dtype]
-    ints = lambda s: [int(x) for x in s.split(",") if x]
     bw = copy_bandwidth(device) if device.type == "cuda" else float("nan")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# {gpu}, torch {torch.__version__}, {args.dtype}, copy bandwidth {bw / 1e9:.0f} GB/s")
-    header = ("model", "impl", "policy", "budget", "ctx", "B", "prefill tok/s", "decode tok/s", "ms/step",
-              "peak GB", "KV MB", "vs full", "% bound")
+    header = ("model", "impl", "policy", "budget", "ctx", "B", "mode", "prefill tok/s", "decode tok/s", "ms/step",
+              "peak GB", "KV MB", "% bound", "compile s")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    rows = []
+    out_rows = []
 
     def emit(row):
-        rows.append(row)
-        cells = [row["model"], row["impl"], row["policy"], row.get("budget", "-"), row["ctx"], row["batch"],
+        out_rows.append(row)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every row: a killed run keeps its rows
+        Path(args.out).write_text(json.dumps(dict(device=gpu, torch=torch.__version__, copy_bandwidth=bw,
+                                                  dtype=args.dtype, args=vars(args), rows=out_rows), indent=1))
+        cells = [row["model"], row["impl"], row["policy"], row.get("budget", "-"), row["ctx"], row["batch"], row.get("mode", "-"),
                  f"{row['prefill_tok_s']:.0f}", f"{row['decode_tok_s']:.1f}", f"{row.get('ms_per_step', 0):.2f}",
                  f"{row.get('peak_gb', 0):.2f}", f"{row.get('kv_bytes', 0) / 2**20:.0f}",
-                 f"{row.get('vs_full', float('nan')):.2f}", f"{row.get('pct_bound', float('nan')):.0f}"]
+                 f"{row.get('pct_bound', float('nan')):.0f}", f"{row.get('compile_s', 0):.0f}"]
         print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
-    for model_name in args.models.split(","):
-        m, label = build_model(model_name, device, dtype, args.weights)
-        hf = None if args.no_hf else to_hf(m)
-        contexts = ints(args.contexts) + (ints(args.long) if model_name == "llama7b" else [])
-        for ctx in contexts:
-            for batch in ints(args.batches):
-                if model_name == "llama7b" and batch > 1 and ctx > 4096:
-                    continue  # 8 x 16k x 7B of full KV is past one GPU's memory
-                full = None
-                for pol in args.policies.split(","):
-                    budgets = [None] if pol == "full" else [
-                        round(float(b[1:]) * ctx) if b.startswith("r") else int(b) for b in args.budgets.split(",")]
-                    for budget in budgets:
-                        if budget is not None and budget >= ctx:
-                            continue
-                        if pol == "full" and ctx > 16384 and batch > 1:
-                            continue
-                        torch._dynamo.reset()
-                        try:
-                            r = bench_ours(m, pol, budget, ctx, batch, args.new_tokens, not args.no_compile, device)
-                        except torch.OutOfMemoryError:
-                            print(f"| {model_name} | ours | {pol} | {budget} | {ctx} | {batch} | out of memory |")
-                            continue
-                        r.update(model=model_name, impl="ours", policy=pol, budget=budget or "-", ctx=ctx, batch=batch)
-                        r["pct_bound"] = 100 * r["decode_tok_s"] / (batch * bw / step_bytes(m, r["kv_bytes"]))
-                        full = r if pol == "full" else full
-                        r["vs_full"] = (r["decode_tok_s"] / full["decode_tok_s"]) if full else float("nan")
-                        emit(r)
-                if hf is not None and batch == 1 and ctx <= 4096:
-                    for static in (False, True):
-                        torch._dynamo.reset()
-                        try:
-                            r = bench_hf(hf, ctx, batch, args.new_tokens, device, static)
-                        except Exception as e:  # report and go on: the table is the product
-                            print(f"| {model_name} | transformers {'static' if static else 'dynamic'} | failed: "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0][:80]} |")
-                            continue
-                        r.update(model=model_name, impl="hf-static-compiled" if static else "hf-default", policy="full",
-                                 ctx=ctx, batch=batch)
-                        r["vs_full"] = r["decode_tok_s"] / full["decode_tok_s"] if full else float("nan")
-                        emit(r)
-        del m, hf
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(device=gpu, torch=torch.__version__, copy_bandwidth=bw, dtype=args.dtype,
-                                              args=vars(args), rows=rows), indent=1))
+    rows = PLANS[args.plan] if args.plan else grid(args)
+    loaded = {}
+    for model_name, pol, budget, ctx, batch, *mode in rows:
+        if model_name not in loaded:
+            loaded.clear()  # one model on the GPU at a time
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+            loaded[model_name] = build_model(model_name, device, dtype, args.weights)[0]
+        m = loaded[model_name]
+        if isinstance(budget, str):
+            budget = round(float(budget[1:]) * ctx) if budget.startswith("r") else int(budget)
+        if budget is not None and budget >= ctx:
+            continue
+        torch._dynamo.reset()
+        try:
+            r = bench_ours(m, pol, budget, ctx, batch, args.new_tokens, not args.no_compile, device, *mode)
+        except torch.OutOfMemoryError:
+            print(f"| {model_name} | ours | {pol} | {budget} | {ctx} | {batch} | out of memory |")
+            continue
+        r.update(model=model_name, impl="ours", policy=pol, budget=budget or "-", ctx=ctx, batch=batch,
+                 mode=(mode or ["prefill"])[0])
+        r["pct_bound"] = 100 * r["decode_tok_s"] / (batch * bw / step_bytes(m, r["kv_bytes"]))
+        emit(r)
+        if not args.no_hf and pol == "full" and batch == 1 and ctx <= 4096:
+            hf = to_hf(m)
+            for static in (False, True):
+                torch._dynamo.reset()
+                try:
+                    h = bench_hf(hf, ctx, batch, args.new_tokens, device, static)
+                except Exception as e:  # report and go on: the table is the product
+                    print(f"| {model_name} | transformers {'static' if static else 'dynamic'} | failed: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:80]} |")
+                    continue
+                h.update(model=model_name, impl="hf-static-compiled" if static else "hf-default", policy="full",
+                         ctx=ctx, batch=batch, ratio_ours_over_this=r["decode_tok_s"] / h["decode_tok_s"])
+                emit(h)
+            del hf
     print(f"# wrote {args.out}")
 
 
