@@ -59,7 +59,7 @@ class LayerCache:
     in KVCache._reserve and depends on shapes only."""
 
     def __init__(self, layer: int, owner: "KVCache"):
-        self.layer = layer
+        self.layer = torch.tensor(layer, device=owner.device)  # a tensor: one compiled graph serves every layer
         self.owner = owner
         self.policy = owner.policy
         self.rotate_on_read = owner.position_scheme == "slot"

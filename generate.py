@@ -75,16 +75,20 @@ def feed(model, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -
 
 
 def compile_decode(model, cache: KVCache, backend: str = "inductor"):
-    """The fast path (gpt-fast style): one decode step, score update and eviction included,
-    compiled with torch.compile and, on CUDA, captured as a CUDA graph. The cache's state is
-    updated in place and marked static, so the graph replays on the same memory every step.
-    Its slow twin is `model(tokens, cache)`; a test holds the two equal."""
+    """The fast path (gpt-fast style): the decode step, score update and eviction included, with
+    each transformer block compiled by torch.compile and, on CUDA, captured as a CUDA graph. One
+    compiled Block.forward serves every layer (same graph, other weights and cache tensors), so it
+    compiles in seconds. The cache's state is updated in place and marked static, so the graphs
+    replay on the same memory every step. Its slow twin is `model(tokens, cache)`; a test holds
+    the two equal."""
+    from model import Block
+
     for layer in cache.layers:
         for t in (layer.k, layer.v, layer.pos, layer.valid, layer.scores, layer.counts):
             torch._dynamo.mark_static_address(t)
-    torch._dynamo.mark_static_address(cache.next_pos)
     mode = "reduce-overhead" if backend == "inductor" and cache.device.type == "cuda" else None
-    return torch.compile(lambda tokens: model(tokens, cache), backend=backend, mode=mode, fullgraph=True)
+    block_fn = torch.compile(Block.forward, backend=backend, mode=mode, fullgraph=True)
+    return lambda tokens: model(tokens, cache, block_fn=block_fn)
 
 
 @torch.no_grad()

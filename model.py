@@ -285,8 +285,11 @@ class Transformer(nn.Module):
         """x (B, T, dim) -> logits (B, T, vocab)."""
         return self.lm_head(self.norm(x))
 
-    def forward(self, tokens: torch.Tensor, cache=None, explicit: bool = False) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab). explicit=True forces the softmax attention path."""
+    def forward(self, tokens: torch.Tensor, cache=None, explicit: bool = False, block_fn=None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab). explicit=True forces the softmax attention path.
+        block_fn(block, x, positions, layer_cache, explicit) runs each block (default: Block.forward);
+        generate.compile_decode passes one compiled Block.forward that every layer shares."""
+        block_fn = block_fn or Block.forward
         B, T = tokens.shape
         if cache is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)  # (B, T)
@@ -294,7 +297,7 @@ class Transformer(nn.Module):
             positions = cache.positions(T)  # (B, T): each row's position in its text
         x = self.embed(tokens, positions)
         for i, block in enumerate(self.layers):
-            x = block(x, positions, None if cache is None else cache.layers[i], explicit)
+            x = block_fn(block, x, positions, None if cache is None else cache.layers[i], explicit)
         if cache is not None:
             cache.advance(T)
         return self.head(x)
