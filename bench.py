@@ -9,12 +9,14 @@ mode: attended whole, scores accumulated in row chunks, then compressed to the b
 `--new-tokens` greedy steps with the compiled step (generate.compile_decode: CUDA graph,
 eviction inside), timed with CUDA events, no host sync inside the loop. The bound is
 batch * copy bandwidth / bytes read per step (weights + the kept keys and values), with the
-copy bandwidth measured in the same run.
+copy bandwidth measured in the same run. "peak+ GB" is the peak GPU memory above what the row
+started with (the weights): the cache, activations and attention buffers.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -81,7 +83,7 @@ def to_hf(m):
     return hf
 
 
-def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step, device, mode="prefill"):
+def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step, device, mode="prefill", profile=False):
     """mode prefill: the context in one call, then compress. streaming: calls of 512 rows, evicting
     after each, so even the prefill never holds more than budget + 512 tokens."""
     cfg = m.cfg
@@ -91,8 +93,10 @@ def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step,
                     max_len=context + new_tokens + 8)
     tokens = torch.randint(0, cfg.vocab_size, (batch, context), device=device)
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     with torch.no_grad():
         t0 = now(device)
         logits = generate.feed(m, tokens, cache, last_only=True)[:, -1]
@@ -107,7 +111,13 @@ def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step,
         for _ in range(new_tokens):
             nxt = step(nxt.clone())[:, -1].argmax(-1)[:, None]  # stays on the device: no host sync
         decode_s = now(device) - t0
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+        if profile and device.type == "cuda":
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    nxt = step(nxt.clone())[:, -1].argmax(-1)[:, None]
+                now(device)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else 0
     kept = int(cache.tokens_held().max())
     return dict(prefill_tok_s=batch * context / prefill_s, decode_tok_s=batch * new_tokens / decode_s, compile_s=compile_s,
                 ms_per_step=1000 * decode_s / new_tokens, peak_gb=peak / 2**30, kv_bytes=cache.nbytes(), kept=kept)
@@ -183,14 +193,18 @@ def main(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="bfloat16", choices=generate.DTYPES)
     ap.add_argument("--out", default="results/bench.json")
+    ap.add_argument("--tune", action="store_true", help="inductor coordinate-descent tuning (gpt-fast's setting)")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each row's decode step")
     args = ap.parse_args(argv)
+    if args.tune:
+        torch._inductor.config.coordinate_descent_tuning = True
     device = generate.pick_device(args.device)
     dtype = generate.DTYPES[args.dtype]
     bw = copy_bandwidth(device) if device.type == "cuda" else float("nan")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# {gpu}, torch {torch.__version__}, {args.dtype}, copy bandwidth {bw / 1e9:.0f} GB/s")
     header = ("model", "impl", "policy", "budget", "ctx", "B", "mode", "prefill tok/s", "decode tok/s", "ms/step",
-              "peak GB", "KV MB", "% bound", "compile s")
+              "peak+ GB", "KV MB", "% bound", "compile s")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     out_rows = []
 
@@ -219,7 +233,8 @@ def main(argv=None):
             continue
         torch._dynamo.reset()
         try:
-            r = bench_ours(m, pol, budget, ctx, batch, args.new_tokens, not args.no_compile, device, *mode)
+            r = bench_ours(m, pol, budget, ctx, batch, args.new_tokens, not args.no_compile, device, *mode,
+                           profile=args.profile)
         except torch.OutOfMemoryError:
             print(f"| {model_name} | ours | {pol} | {budget} | {ctx} | {batch} | out of memory |")
             continue

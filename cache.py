@@ -99,7 +99,10 @@ class LayerCache:
             raise ValueError(f"this cache was made for a batch of {self.owner.batch}, not {B}: make one per batch size")
         slot_ids = torch.arange(self.capacity, device=k.device)
         free_rank = torch.where(self.valid, -1, self.capacity - slot_ids)  # lowest free slot ranks highest
-        slots = free_rank.topk(T, dim=-1).indices  # (B, H, T) free slots, increasing
+        if T == 1:  # the decode step: one free slot, an argmax (fuses; topk would not)
+            slots = free_rank.argmax(dim=-1, keepdim=True)  # (B, H, 1)
+        else:
+            slots = free_rank.topk(T, dim=-1).indices  # (B, H, T) free slots, increasing
         pos = positions[:, None, :].expand(B, H, T)  # (B, H, T)
         self.k.scatter_(2, slots[..., None].expand(B, H, T, D), k)
         self.v.scatter_(2, slots[..., None].expand(B, H, T, D), v)
