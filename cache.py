@@ -144,7 +144,7 @@ class LayerCache:
         budget = self.owner.budget
         newest = self.q_pos.amax(dim=-1)  # (B,)
         prio = policies.priority(self.policy, self.scores, self.counts, self.pos, self.valid, newest, self.layer)
-        if self.q_pos.shape[1] == 1 and self.owner.fast_evict:
+        if self.q_pos.shape[1] == 1 and self.owner.fast:
             self.valid.copy_(evict_one(prio, self.pos, self.valid, budget))
         else:
             self.valid.copy_(keep_top(prio, self.pos, self.valid, budget))
@@ -176,14 +176,15 @@ class KVCache:
 
     cfg: model.Config (its shape); policy: policies.Policy; budget: tokens per layer and KV head
     (None only for `full`); pad: (B,) leading padding tokens per sequence; max_len: storage to
-    preallocate for `full` (else it grows by doubling). fast_evict: use evict_one (no sort) for
-    one-token calls; its slow twin keep_top is used otherwise, and a test holds them equal.
+    preallocate for `full` (else it grows by doubling). fast: use the fast twins (evict_one, no
+    sort, for one-token calls; the fused causal kernel for a first call into an empty cache);
+    fast=False runs their slow twins (keep_top; the masked path), and tests hold them equal.
     """
 
     def __init__(self, cfg, policy: Policy, budget: int | None = None, *, batch: int = 1,
                  mode: str = "streaming", chunk: int = 1, positions: str = "original",
                  device="cpu", dtype=torch.float32, pad=None, max_len: int | None = None,
-                 fast_evict: bool = True):
+                 fast: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
         if not isinstance(chunk, int) or chunk < 1:
@@ -199,7 +200,9 @@ class KVCache:
         self.batch, self.mode, self.chunk, self.position_scheme = batch, mode, chunk, positions
         self.device, self.dtype = torch.device(device), dtype
         self.score_dtype = torch.promote_types(dtype, torch.float32)  # scores in fp32 at least
-        self.fast_evict = fast_evict
+        self.fast = fast
+        self.padded = pad is not None and bool(torch.as_tensor(pad).any())
+        self.fresh = False  # this call is the first, into an empty cache with no padding
         self.fixed = self.budget is not None or max_len is not None  # storage never grows in decode
         self.capacity = self.budget + chunk if self.budget is not None else (max_len or chunk)
         self.held = 0  # host-side bound on the tokens any head holds after the current call
@@ -223,11 +226,13 @@ class KVCache:
         fit (the prompt in prefill mode, or `full` with no max_len), decide whether it evicts.
         In the decode steady state nothing here changes, so a compiled step never recompiles."""
         if self.budget is None and self.fixed:
+            self.fresh = self.fast and self.held == 0 and not self.padded
             if not torch.compiler.is_compiling():  # eager: refuse to overrun a preallocated full cache
                 if self.held + T > self.capacity:
                     raise ValueError(f"the full cache holds max_len={self.capacity} tokens: make it larger")
                 self.held += T
             return
+        self.fresh = self.fast and self.held == 0 and not self.padded
         needed = self.held + T
         if needed > self.capacity:
             grown = needed if self.budget is not None else max(needed, 2 * self.capacity)
@@ -255,6 +260,7 @@ class KVCache:
         pad = torch.zeros(self.batch, dtype=torch.long) if pad is None else torch.as_tensor(pad, dtype=torch.long)
         self.next_pos.copy_(-pad)
         self.held, self.evicting, self.prompt_done = 0, False, False
+        self.padded = pad is not None and bool(torch.as_tensor(pad).any())
 
     # -- inspection (host side; not for the decode step) ---------------------------------------
 

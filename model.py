@@ -206,6 +206,13 @@ class Attention(nn.Module):
         if not layer_cache.rotate_on_read:  # original positions: keys are stored rotated
             q, k = self.rope(q, positions), self.rope(k, positions)
         view = layer_cache.update(k, v, positions)  # what this call's rows may attend to
+        if layer_cache.owner.fresh and not (explicit or layer_cache.needs_probs):
+            # fast twin: the first call into an empty cache sees exactly its own rows, causally
+            if layer_cache.rotate_on_read:  # slot ranks of a fresh cache are the text positions
+                q, k = self.rope(q, positions), self.rope(k, positions)
+            out = causal_attention(q, k, v)
+            layer_cache.evict()
+            return self.output(out)
         k_all = view.keys
         if layer_cache.rotate_on_read:  # slot positions (StreamingLLM 3.2): rotate at read time
             q, k_all = self.rope(q, view.query_pos), self.rope(k_all, view.key_pos)

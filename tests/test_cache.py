@@ -230,3 +230,20 @@ def test_attention_in_row_chunks_equals_one_chunk(policy_name, monkeypatch):
         kept.append([c.kept_positions(i) for i in range(m.cfg.n_layers)])
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
     assert kept[0] == kept[1]
+
+
+@pytest.mark.parametrize("policy_name,positions", [("full", "original"), ("sink", "slot"), ("window", "original")])
+@pytest.mark.parametrize("mode", ["prefill", "streaming"])
+def test_fused_first_call_equals_the_masked_path(policy_name, positions, mode):
+    """The fast twin for a first call into an empty cache (the fused causal kernel) gives the
+    logits and kept sets of the general masked path."""
+    m = tiny_model("tiny-llama")
+    tokens = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(2))
+    out, kept = [], []
+    for fast in (True, False):
+        p = policies.make_policy(policy_name, None if policy_name == "full" else 10)
+        c = KVCache(m.cfg, p, p.keep_all and None or 10, batch=2, mode=mode, chunk=4, positions=positions, fast=fast)
+        out.append(run_through(m, tokens, c, prompt_len=12))
+        kept.append([c.kept_positions(i) for i in range(m.cfg.n_layers)])
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-5)
+    assert kept[0] == kept[1]
