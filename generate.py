@@ -74,21 +74,40 @@ def feed(model, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -
     return outs[-1] if last_only else torch.cat(outs, dim=1)
 
 
-def compile_decode(model, cache: KVCache, backend: str = "inductor"):
+def compile_decode(model, cache: KVCache, backend: str = "inductor", warmup: int = 2):
     """The fast path (gpt-fast style): the decode step, score update and eviction included, with
-    each transformer block compiled by torch.compile and, on CUDA, captured as a CUDA graph. One
-    compiled Block.forward serves every layer (same graph, other weights and cache tensors), so it
-    compiles in seconds. The cache's state is updated in place and marked static, so the graphs
-    replay on the same memory every step. Its slow twin is `model(tokens, cache)`; a test holds
-    the two equal."""
+    each transformer block compiled by torch.compile (one compiled Block.forward serves every
+    layer: same graph, other weights and cache tensors, so it compiles in seconds) and, on CUDA,
+    the whole step captured as one CUDA graph. The cache's state is updated in place, so the
+    graph replays on the same memory every step. Its slow twin is `model(tokens, cache)`; a test
+    holds the two equal."""
     from model import Block
 
-    for layer in cache.layers:
-        for t in (layer.k, layer.v, layer.pos, layer.valid, layer.scores, layer.counts):
-            torch._dynamo.mark_static_address(t)
-    mode = "reduce-overhead" if backend == "inductor" and cache.device.type == "cuda" else None
-    block_fn = torch.compile(Block.forward, backend=backend, mode=mode, fullgraph=True)
-    return lambda tokens: model(tokens, cache, block_fn=block_fn)
+    block_fn = torch.compile(Block.forward, backend=backend, fullgraph=True)
+    step = lambda tokens: model(tokens, cache, block_fn=block_fn)
+    return CudaGraphStep(step, warmup) if cache.device.type == "cuda" else step
+
+
+class CudaGraphStep:
+    """Runs `step` for the first `warmup` calls (real decode steps: they compile it), then
+    captures one call as a CUDA graph and replays it from then on. The step must keep its state
+    in place and never sync with the host; its Python side runs once, at capture."""
+
+    def __init__(self, step, warmup: int = 2):
+        self.step, self.warmup, self.graph = step, warmup, None
+
+    def __call__(self, tokens):
+        if self.graph is None and self.warmup > 0:
+            self.warmup -= 1
+            return self.step(tokens)
+        if self.graph is None:
+            self.tokens = tokens.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.step(self.tokens)  # recorded, not run: the replay below runs it
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
 
 
 @torch.no_grad()
