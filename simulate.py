@@ -79,12 +79,11 @@ def masked_simulation(model, tokens: torch.Tensor, policy: Policy, budget: int |
 def _evict_plainly(kept, prio, budget):
     """For each sequence and KV head: while more than `budget` tokens are kept, drop the one with
     the lowest priority (the oldest among equals)."""
-    kept = kept.clone()
-    prio = prio.tolist()
-    for b in range(kept.shape[0]):
-        for g in range(kept.shape[1]):
-            held = [j for j in range(kept.shape[2]) if kept[b, g, j]]
+    new, prio = kept.tolist(), prio.tolist()  # plain Python lists: one copy from the device per call
+    for b in range(len(new)):
+        for g in range(len(new[b])):
+            held = [j for j, k in enumerate(new[b][g]) if k]
             held.sort(key=lambda j: (prio[b][g][j], j))  # lowest priority first, then oldest
             for j in held[: max(0, len(held) - budget)]:
-                kept[b, g, j] = False
-    return kept
+                new[b][g][j] = False
+    return torch.tensor(new, dtype=torch.bool, device=kept.device)
