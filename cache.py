@@ -204,7 +204,10 @@ class KVCache:
         self.padded = pad is not None and bool(torch.as_tensor(pad).any())
         self.fresh = False  # this call is the first, into an empty cache with no padding
         self.fixed = self.budget is not None or max_len is not None  # storage never grows in decode
-        self.capacity = self.budget + chunk if self.budget is not None else (max_len or chunk)
+        if self.budget is None:
+            self.capacity = max_len or chunk
+        else:  # budget + chunk slots, and never more than the text can fill
+            self.capacity = min(self.budget + chunk, max_len) if max_len else self.budget + chunk
         self.held = 0  # host-side bound on the tokens any head holds after the current call
         self.evicting = False  # whether the current call can go over budget
         self.prompt_done = False  # prefill mode: the first call (the prompt) is over

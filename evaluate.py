@@ -678,9 +678,9 @@ def _list(kind):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = generate.OneLineParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = generate.OneLineParser(add_help=False)
     generate.add_policy_args(common)
     common.set_defaults(policy=None, mode="streaming")  # the papers' setting (generate.py defaults to prefill)
     common.add_argument("--policies", type=_list(str), help="comma-separated policies (with +sink, @ALPHA)")
@@ -761,6 +761,10 @@ def run(args, model=None, tok=None):
         if args.merge:
             return [plot_file(args.files, args.metric, Path(args.merge))]
         return [plot_file(f, args.metric) for f in args.files]
+    for flag, least in (("tokens", 2), ("window", 1), ("batch_size", 1), ("chunk", 1)):  # before the slow part
+        value = getattr(args, flag, None)
+        if value is not None and value < least:
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: use a number >= {least}")
     args.policy_list = args.policies or ([args.policy] if args.policy else _list(str)(args.default_policies))
     for v in args.policy_list:
         parse_variant(v)  # one-line errors before the slow load
@@ -845,7 +849,10 @@ def run_suite(args, model, tok):
 
 
 def main(argv=None, model=None, tok=None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a bad flag (already said in one line)
+        return int(exit_.code or 0)
     try:
         out = run(args, model, tok)
     except (ValueError, FileNotFoundError) as e:  # LoadError is a ValueError

@@ -8,6 +8,7 @@ the calls its mode asks for; `generate` is the decode loop.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -144,8 +145,16 @@ def generate(model, prompt: torch.Tensor, cache: KVCache, max_new_tokens: int, *
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends in one line ('error: ...', exit 2), like every other bad input."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -204,16 +213,22 @@ def resolve_budget(budget, ratio, prompt_len: int) -> int | None:
 def pick_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available: use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use cpu or cuda") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: use cpu or cuda (or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available: use --device cpu")
+    return device
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag (already said in one line)
+        return int(e.code or 0)
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as e:  # LoadError is a ValueError
@@ -228,7 +243,7 @@ def run(args) -> int:
         raise ValueError(f"unknown policy {args.policy!r}: choose one of {', '.join(POLICY_NAMES)}")
     if args.max_new_tokens < 0:
         raise ValueError("--max-new-tokens must be >= 0")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+    if not math.isfinite(args.temperature) or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise ValueError("use --temperature >= 0, --top-k >= 0 and --top-p in (0, 1]")
     if not args.prompt.strip():
         raise ValueError("the prompt is empty: give some text with --prompt")
@@ -243,9 +258,9 @@ def run(args) -> int:
     T, ctx = len(ids), model.cfg.max_seq_len
     if T > ctx:
         raise ValueError(f"the prompt is {T} tokens, longer than the model's context of {ctx}: shorten it")
-    if T + args.max_new_tokens > ctx and args.positions == "original":
+    if T + args.max_new_tokens > ctx and (args.positions == "original" or args.policy == "full"):
         raise ValueError(f"prompt ({T}) + --max-new-tokens ({args.max_new_tokens}) exceed the context of {ctx}:"
-                         " lower --max-new-tokens, or use --positions slot with a budget")
+                         " lower --max-new-tokens, or use --positions slot with a budget (a full cache cannot pass it)")
     cache = cache_from_args(args, model.cfg, T, device=device, dtype=dtype, max_len=T + args.max_new_tokens)
     budget = cache.budget
 
