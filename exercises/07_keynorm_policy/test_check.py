@@ -97,7 +97,7 @@ def keynorm_masked_simulation(m, tokens, budget, chunk, n_sink, recent):
 
 
 @settings(max_examples=8)
-@given(seed=st.integers(0, 1000), budget=st.integers(3, 9), chunk=st.integers(1, 3), n_sink=st.integers(0, 2),
+@given(seed=st.integers(0, 1000), budget=st.integers(4, 9), chunk=st.integers(1, 3), n_sink=st.integers(0, 2),
        recent=st.integers(0, 2))
 def test_your_cache_evicts_by_key_norm(seed, budget, chunk, n_sink, recent):
     m = tiny_model("tiny-llama", seed=seed % 3)
