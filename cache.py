@@ -1,13 +1,16 @@
 """The explicit KV cache: a fixed budget of tokens per layer and KV head, really evicted.
 
 For each layer, each sequence of the batch and each KV head, the cache stores up to
-`budget + chunk` slots (preallocated): key, value, the token's position in the text, its running
+`budget + chunk` slots (preallocated; never more than `max_len`): key, value, the token's position in the text, its running
 score, how many rows saw it, and whether the slot holds a token. One attention call goes:
 
-    view = layer_cache.update(k, v, positions)   # write the new tokens into free slots
-    ... attention over view.keys / view.values under view.mask ...
-    layer_cache.observe(probs)                  # score update (policies.accumulate), then evict
-                                                # down to `budget` (policies.priority + top-k)
+    view = layer_cache.update(k, v, positions)    # write the new tokens into free slots
+    for each chunk of rows r0..r1:                # (one chunk when small: no T x S buffer)
+        mask = view.mask(r0, r1)
+        ... attention over view.keys / view.values under mask ...
+        layer_cache.observe(probs, mask, r0, r1)  # the policy's sum over these rows (policies.row_update)
+    layer_cache.evict()                           # finish the score update (policies.apply_update),
+                                                  # evict down to `budget` (policies.priority + top-k)
 
 Kept sets differ between KV heads. Slots are not kept in text order: a new token takes the
 lowest free slot, and every slot carries its own position, so positions, rotary angles and the
