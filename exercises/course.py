@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import model
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 IMPLS = ("student", "solution")
@@ -174,3 +176,20 @@ class HostSyncs:
 
     def __exit__(self, *exc):
         return self.mode.__exit__(*exc)
+
+
+@torch.no_grad()
+def attention_probs(m, tokens):
+    """Per layer, (probs (B, Hkv, G, T, T), values (B, Hkv, T, D)) of a plain causal forward (exercise 01's loop)."""
+    B, T = tokens.shape
+    pos = torch.arange(T).expand(B, T)
+    causal = (pos[:, None, :] <= pos[:, :, None])[:, None].expand(B, m.cfg.n_kv_heads, T, T)
+    x, out = m.embed(tokens, pos), []
+    for block in m.layers:
+        a = block.attn
+        q, k, v = a.project(block.attn_norm(x))
+        o, probs = model.attend(a.rope(q, pos), a.rope(k, pos), v, causal, need_probs=True)
+        out.append((probs, v))
+        x = x + a.output(o)
+        x = x + block.mlp(block.mlp_norm(x))
+    return out

@@ -20,3 +20,13 @@ def run_through(m, tokens, cache, prompt_len=None):
     bounds = simulate.call_bounds(tokens.shape[1], cache.mode, cache.chunk, prompt_len)
     with torch.no_grad():
         return torch.cat([m(tokens[:, s:e], cache) for s, e in bounds], dim=1)
+
+
+def report_after(request, lines):
+    """Write `lines` (a list of strings) to the terminal once a module's tests are done, past pytest's capture."""
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.getplugin("terminalreporter"), plugins.getplugin("capturemanager")
+    if reporter and capture and lines:
+        with capture.global_and_fixture_disabled():
+            for line in lines:
+                reporter.write_line(line)

@@ -9,7 +9,7 @@ import functools
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import report_after, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_generate import ByteTokenizer
@@ -120,12 +120,9 @@ OUTCOMES = collections.Counter()
 @pytest.fixture(scope="module", autouse=True)
 def print_outcomes(request):
     yield
-    plugins = request.config.pluginmanager
-    reporter, capture = plugins.getplugin("terminalreporter"), plugins.getplugin("capturemanager")
-    if reporter and capture and OUTCOMES:
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"test_cli: {sum(OUTCOMES.values())} random flag sets: {OUTCOMES['ok']} ran, "
-                                f"{OUTCOMES['error']} one-line errors")
+    if OUTCOMES:
+        report_after(request, [f"test_cli: {sum(OUTCOMES.values())} random flag sets: {OUTCOMES['ok']} ran, "
+                               f"{OUTCOMES['error']} one-line errors"])
 
 
 good_flags = st.fixed_dictionaries({}, optional={flag: st.sampled_from(values) for flag, values in GOOD.items()})

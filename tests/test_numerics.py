@@ -22,7 +22,7 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import report_after, tiny_model
 
 import policies
 from cache import KVCache
@@ -35,13 +35,9 @@ RATES = {}  # (dtype, steps, seed) -> (differing, total), printed at the end of 
 @pytest.fixture(scope="module", autouse=True)
 def print_rates(request):
     yield
-    plugins = request.config.pluginmanager
-    reporter, capture = plugins.getplugin("terminalreporter"), plugins.getplugin("capturemanager")
-    if reporter and capture and RATES:
-        with capture.global_and_fixture_disabled():
-            for (name, steps, seed), (diff, total) in sorted(RATES.items()):
-                reporter.write_line(f"test_numerics: {name} vs float64, A2SF alpha {ALPHA}, budget {BUDGET}, {steps} decode "
-                                    f"steps, seed {seed}: {diff} of {total} kept sets differ ({diff / total:.4f})")
+    report_after(request, [f"test_numerics: {name} vs float64, A2SF alpha {ALPHA}, budget {BUDGET}, {steps} decode "
+                           f"steps, seed {seed}: {diff} of {total} kept sets differ ({diff / total:.4f})"
+                           for (name, steps, seed), (diff, total) in sorted(RATES.items())])
 
 
 def peaked(m, scale=300.0):

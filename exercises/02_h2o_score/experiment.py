@@ -4,31 +4,13 @@ prompt, with your h2o_update and h2o_keep, and the age bias of plain accumulatio
 import torch
 
 from exercises import course
-from model import attend
-
-
-@torch.no_grad()
-def attention_probs(m, tokens):
-    """Per layer, (B, Hkv, G, T, T): the probabilities of a plain causal forward (exercise 01's loop)."""
-    B, T = tokens.shape
-    pos = torch.arange(T).expand(B, T)
-    causal = (pos[:, None, :] <= pos[:, :, None])[:, None].expand(B, m.cfg.n_kv_heads, T, T)
-    x, out = m.embed(tokens, pos), []
-    for block in m.layers:
-        a = block.attn
-        q, k, v = a.project(block.attn_norm(x))
-        o, probs = attend(a.rope(q, pos), a.rope(k, pos), v, causal, need_probs=True)
-        out.append(probs)
-        x = x + a.output(o)
-        x = x + block.mlp(block.mlp_norm(x))
-    return out
 
 
 def main(impl, layers=(3, 15, 27)):
     m, tok = course.default_model()
     ids = course.prompt_ids(tok, 10_000)
     T = len(ids)
-    probs = attention_probs(m, torch.tensor([ids]))
+    probs = [p for p, _ in course.attention_probs(m, torch.tensor([ids]))]
     q_pos = torch.arange(T)[None]
     budget, recent = round(0.2 * T), round(0.1 * T)
     print(f"the lighthouse prompt, {T} tokens; H2O scores after the whole prompt (one call, no eviction)\n")

@@ -8,24 +8,6 @@ import torch
 import policies
 from cache import KVCache
 from exercises import course
-from model import attend
-
-
-@torch.no_grad()
-def attention_probs(m, tokens):
-    """Per layer, (B, Hkv, G, T, T): the probabilities of a plain causal forward (exercise 01's loop)."""
-    B, T = tokens.shape
-    pos = torch.arange(T).expand(B, T)
-    causal = (pos[:, None, :] <= pos[:, :, None])[:, None].expand(B, m.cfg.n_kv_heads, T, T)
-    x, out = m.embed(tokens, pos), []
-    for block in m.layers:
-        a = block.attn
-        q, k, v = a.project(block.attn_norm(x))
-        o, probs = attend(a.rope(q, pos), a.rope(k, pos), v, causal, need_probs=True)
-        out.append((probs, v))
-        x = x + a.output(o)
-        x = x + block.mlp(block.mlp_norm(x))
-    return out
 
 
 def main(impl, n_tokens=256, budget=32, chunk=8):
@@ -39,7 +21,7 @@ def main(impl, n_tokens=256, budget=32, chunk=8):
     print(f"    token 0's value is below the median in {int((ratio < 1).sum())} of {ratio.numel()} (layer, KV head) pairs\n")
     q_pos, zeros = torch.arange(T)[None], torch.zeros(1, m.cfg.n_kv_heads, T)
     ranks = []
-    for probs, v in attention_probs(m, tokens):  # one call over the whole text: where does token 0 rank?
+    for probs, v in course.attention_probs(m, tokens):  # one call over the whole text: where does token 0 rank?
         s = impl.vatp_update(zeros, probs, q_pos, v)[0]  # (Hkv, T)
         ranks.append((s > s[:, :1]).sum(-1) + 1)  # 1 = the highest VATP score of its head
     ranks = torch.stack(ranks)
