@@ -33,7 +33,7 @@ The cache never imports the model; it is told the model's shape by its config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -107,12 +107,15 @@ class LayerCache:
         else:
             slots = free_rank.topk(T, dim=-1).indices  # (B, H, T) free slots, increasing
         pos = positions[:, None, :].expand(B, H, T)  # (B, H, T)
-        self.k.scatter_(2, slots[..., None].expand(B, H, T, D), k)
-        self.v.scatter_(2, slots[..., None].expand(B, H, T, D), v)
-        self.pos.scatter_(2, slots, pos)
-        self.valid.scatter_(2, slots, pos >= 0)
-        self.scores.scatter_(2, slots, 0.0)  # a token's score starts when it enters
-        self.counts.scatter_(2, slots, 0.0)
+        # index_put_, not scatter_: torch.compile writes it in place (a scatter_ into a graph input
+        # becomes a copy of the whole buffer every step: the KV cache read twice more per token)
+        at = (torch.arange(B, device=k.device)[:, None, None], torch.arange(H, device=k.device)[None, :, None], slots)
+        self.k.index_put_(at, k)  # k[b, h, slots[b, h, t]] = k_new[b, h, t]
+        self.v.index_put_(at, v)
+        self.pos.index_put_(at, pos)
+        self.valid.index_put_(at, pos >= 0)
+        self.scores.index_put_(at, torch.zeros((), dtype=self.scores.dtype, device=k.device))  # a score starts on entry
+        self.counts.index_put_(at, torch.zeros((), dtype=self.counts.dtype, device=k.device))
         self.q_pos, self.slots = positions, slots
         self.update_sum = torch.zeros_like(self.scores)  # this call's sum over rows (policies.row_update)
         key_pos, query_pos = self.pos, pos
@@ -144,18 +147,20 @@ class LayerCache:
             self.scores.copy_(policies.apply_update(self.policy, self.scores, self.update_sum, self.v, n_rows))
         if not self.owner.evicting:
             return  # nothing can be over budget yet (decided on shapes in KVCache._reserve)
-        budget = self.owner.budget
+        o = self.owner
+        budget = o.budgets  # (B, 1, 1): each sequence's own budget
         newest = self.q_pos.amax(dim=-1)  # (B,)
-        prio = policies.priority(self.policy, self.scores, self.counts, self.pos, self.valid, newest, self.layer)
-        if self.q_pos.shape[1] == 1 and self.owner.fast:
+        prio = policies.priority(self.policy, self.scores, self.counts, self.pos, self.valid, newest, self.layer,
+                                 n_sink=o.n_sinks, recent=o.recents)
+        if self.q_pos.shape[1] == 1 and o.fast:
             self.valid.copy_(evict_one(prio, self.pos, self.valid, budget))
         else:
             self.valid.copy_(keep_top(prio, self.pos, self.valid, budget))
 
 
-def keep_top(prio, pos, valid, budget: int):
+def keep_top(prio, pos, valid, budget):
     """The general rule: keep the `budget` highest-priority tokens; on ties the oldest goes first.
-    prio, pos, valid (B, H, S) -> new valid (B, H, S)."""
+    prio, pos, valid (B, H, S); budget an int or per sequence (B, 1, 1) -> new valid (B, H, S)."""
     by_newest = pos.argsort(dim=-1, descending=True, stable=True)  # newest first
     ranked = prio.gather(-1, by_newest).argsort(dim=-1, descending=True, stable=True)
     order = by_newest.gather(-1, ranked)  # slots by (priority, newer) descending
@@ -163,7 +168,7 @@ def keep_top(prio, pos, valid, budget: int):
     return valid & (rank < budget)
 
 
-def evict_one(prio, pos, valid, budget: int):
+def evict_one(prio, pos, valid, budget):
     """The decode-step fast twin of keep_top for one new token: at most one eviction per head,
     the lowest priority, the oldest among equals. No sort. A test holds it equal to keep_top."""
     over = valid.sum(dim=-1, keepdim=True) > budget  # (B, H, 1)
@@ -182,9 +187,14 @@ class KVCache:
     preallocate for `full` (else it grows by doubling). fast: use the fast twins (evict_one, no
     sort, for one-token calls; the fused causal kernel for a first call into an empty cache);
     fast=False runs their slow twins (keep_top; the masked path), and tests hold them equal.
+
+    Per-sequence budgets (evaluation batches texts of different lengths at one cache ratio):
+    budget may be a list of B budgets, and policy a list of B policies that differ only in their
+    split (n_sink, recent; policies.make_policy at each budget). Each sequence is then evicted
+    exactly as it would be alone; a test holds the two equal. Storage is sized by the largest.
     """
 
-    def __init__(self, cfg, policy: Policy, budget: int | None = None, *, batch: int = 1,
+    def __init__(self, cfg, policy: Policy | list[Policy], budget: int | list[int] | None = None, *, batch: int = 1,
                  mode: str = "streaming", chunk: int = 1, positions: str = "original",
                  device="cpu", dtype=torch.float32, pad=None, max_len: int | None = None,
                  fast: bool = True):
@@ -197,9 +207,10 @@ class KVCache:
         if positions == "slot" and not cfg.rotary:
             raise ValueError("slot positions need rotary embeddings: OPT's learned positions cannot be"
                              " re-indexed; use --positions original")
-        policies.check(policy, budget)
+        policy_list, budget_list = _per_sequence(policy, budget, batch)
+        policy = policy_list[0]
         self.cfg, self.policy = cfg, policy
-        self.budget = None if policy.keep_all else budget
+        self.budget = None if policy.keep_all else max(budget_list)  # the largest: what storage is sized by
         self.batch, self.mode, self.chunk, self.position_scheme = batch, mode, chunk, positions
         self.device, self.dtype = torch.device(device), dtype
         self.score_dtype = torch.promote_types(dtype, torch.float32)  # scores in fp32 at least
@@ -216,7 +227,18 @@ class KVCache:
         self.prompt_done = False  # prefill mode: the first call (the prompt) is over
         pad = torch.zeros(batch, dtype=torch.long) if pad is None else torch.as_tensor(pad, dtype=torch.long)
         self.next_pos = (-pad).to(self.device)  # (B,) position of each sequence's next token
+        self.budgets = torch.zeros(batch, 1, 1, dtype=torch.long, device=self.device)  # (B, 1, 1) per sequence
+        self.n_sinks, self.recents = torch.zeros_like(self.budgets), torch.zeros_like(self.budgets)
+        self._set_budgets(policy_list, budget_list)
         self.layers = [LayerCache(i, self) for i in range(cfg.n_layers)]
+
+    def _set_budgets(self, policy_list: list[Policy], budget_list: list) -> None:
+        """Each sequence's budget and split, in place (a captured decode step reads these tensors)."""
+        keep_all = self.policy.keep_all
+        self.min_budget = None if keep_all else min(budget_list)
+        for t, values in ((self.budgets, [0 if keep_all else b for b in budget_list]),
+                          (self.n_sinks, [p.n_sink for p in policy_list]), (self.recents, [p.recent for p in policy_list])):
+            t.copy_(torch.tensor(values, dtype=torch.long)[:, None, None])
 
     def positions(self, T: int) -> torch.Tensor:
         """Called by the model first in its forward: (B, T) text positions of the next T tokens
@@ -245,7 +267,7 @@ class KVCache:
             for layer in self.layers:
                 layer._allocate(grown)
             self.capacity = grown
-        self.evicting = self.budget is not None and needed > self.budget
+        self.evicting = self.budget is not None and needed > self.min_budget
         self.held = needed if self.budget is None else min(needed, self.budget)
 
     def advance(self, T: int) -> None:
@@ -258,8 +280,18 @@ class KVCache:
                     layer._allocate(self.budget + self.chunk)
                 self.capacity = self.budget + self.chunk
 
-    def reset(self, pad=None) -> None:
-        """Empty the cache in place for a new batch of texts (same shapes: no new compile)."""
+    def reset(self, pad=None, policy=None, budget=None) -> None:
+        """Empty the cache in place for a new batch of texts (same shapes: no new compile), with new
+        per-sequence budgets and policies if given (same policy form, budgets within the storage)."""
+        if budget is not None:
+            if self.budget is None:
+                raise ValueError("a cache made for `full` takes no budgets")
+            policy_list, budget_list = _per_sequence(policy or self.policy, budget, self.batch)
+            if _form(policy_list[0]) != _form(self.policy):
+                raise ValueError("reset changes budgets and splits, not the policy: make a new cache")
+            if max(budget_list) > self.budget:
+                raise ValueError(f"budget {max(budget_list)} is above this cache's {self.budget}: make a new cache")
+            self._set_budgets(policy_list, budget_list)
         for layer in self.layers:
             layer.valid.zero_()
             layer.pos.fill_(-1)
@@ -290,3 +322,21 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes of key and value storage allocated (what the memory really costs)."""
         return sum(lc.k.nbytes + lc.v.nbytes for lc in self.layers)
+
+
+def _form(policy: Policy) -> Policy:
+    """A policy without its split: what every sequence of one cache must share."""
+    return replace(policy, n_sink=0, recent=0)
+
+
+def _per_sequence(policy, budget, batch: int) -> tuple[list[Policy], list]:
+    """(one policy per sequence, one budget per sequence), checked; a single one is repeated."""
+    policy_list = list(policy) if isinstance(policy, (list, tuple)) else [policy] * batch
+    budget_list = list(budget) if isinstance(budget, (list, tuple)) else [budget] * batch
+    if len(policy_list) != batch or len(budget_list) != batch:
+        raise ValueError(f"give one policy and one budget per sequence ({batch}), or one for all")
+    if len({_form(p) for p in policy_list}) > 1:
+        raise ValueError("the sequences of one cache share one policy form; only the split (n_sink, recent) may differ")
+    for p, b in zip(policy_list, budget_list):
+        policies.check(p, b)
+    return policy_list, [None if policy_list[0].keep_all else int(b) for b in budget_list]

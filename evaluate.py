@@ -173,11 +173,51 @@ def call_spans(policy: Policy, budget: int | None, setup: Setup, T: int, prompt_
 
 def make_cache(cfg, policy, budget, setup: Setup, B: int, T: int, pad, device, dtype) -> KVCache:
     """The cache for `call_spans`: `full` when nothing can be evicted; otherwise a prefill-mode
-    cache, whose first call may be longer than a chunk (and evicts nothing in streaming)."""
+    cache, whose first call may be longer than a chunk (and evicts nothing in streaming).
+    policy, budget: one for all sequences, or lists (one per sequence: cache.KVCache)."""
     kw = dict(batch=B, chunk=setup.chunk, positions=setup.positions, device=device, dtype=dtype, pad=pad)
-    if not evicts(policy, budget, T):
+    first, low = _first(policy), _lowest(budget)
+    if not evicts(first, low, T):
         return KVCache(cfg, make_policy("full", None), None, max_len=T, **kw)
     return KVCache(cfg, policy, budget, mode="prefill", **kw)
+
+
+def _first(policy):
+    return policy[0] if isinstance(policy, (list, tuple)) else policy
+
+
+def _lowest(budget):
+    return min(budget) if isinstance(budget, (list, tuple)) else budget
+
+
+class Reuse:
+    """Caches (and their compiled decode steps) kept across the batches of one run, so one CUDA
+    graph serves them all: a batch of B sequences whose budgets fit an earlier cache of B rows
+    resets it in place (cache.KVCache.reset) instead of making a new one. Streaming mode only:
+    a prefill-mode cache reallocates its storage after the prompt."""
+
+    def __init__(self, largest: int | None = None):
+        self.largest = largest  # the run's largest budget: storage is sized for it
+        self.held: dict[int, tuple] = {}  # B -> (cache, step or None)
+
+    def get(self, model, policy, budget, setup: Setup, B: int, T: int, pad):
+        if setup.mode != "streaming" or not isinstance(budget, list) or not evicts(policy[0], min(budget), T):
+            return make_cache(model.cfg, policy, budget, setup, B, T, pad, model.device, model.dtype), None
+        if B in self.held and self.held[B][0].budget >= max(budget):
+            cache, step = self.held[B]
+            cache.reset(pad, policy, budget)
+            return cache, step
+        top = max(self.largest or 0, *budget)
+        cache = KVCache(model.cfg, [policy[0]] * B, [top] * B, batch=B, mode="prefill", chunk=setup.chunk,
+                        positions=setup.positions, device=model.device, dtype=model.dtype, pad=pad)
+        cache.reset(pad, policy, budget)
+        self.held[B] = (cache, None)
+        return cache, None
+
+    def keep_step(self, cache, step):
+        B = cache.batch
+        if B in self.held and self.held[B][0] is cache:
+            self.held[B] = (cache, step)
 
 
 def _gather(out, logits, tokens, s: int, first: int) -> None:
@@ -193,23 +233,28 @@ def _gather(out, logits, tokens, s: int, first: int) -> None:
 
 @torch.no_grad()
 def token_logprobs(model, tokens, policy, budget, setup: Setup, *, pad=None, prompt_len=None, first=0,
-                   tick=lambda n: None) -> torch.Tensor:
+                   tick=lambda n: None, reuse: Reuse | None = None) -> torch.Tensor:
     """tokens (B, T), left-padded by pad (B,) -> (B, T - 1) fp32: log p(tokens[:, j + 1] | what the
-    cache held) for columns j >= first, NaN before. tick(n) is called after each model call."""
+    cache held) for columns j >= first, NaN before. tick(n) is called after each model call.
+    policy, budget: one for all, or one per sequence (lists). reuse: caches kept across calls."""
     B, T = tokens.shape
     out = torch.full((B, T - 1), float("nan"), device=tokens.device)
     if setup.method == "masked":
         assert pad is None or not any(pad), "the masked simulation takes no padding"
+        assert not isinstance(budget, list) or len(set(budget)) == 1, "the masked simulation takes one budget"
+        policy, budget = _first(policy), _lowest(budget)
         logits, _ = simulate.masked_simulation(model, tokens, policy, None if policy.keep_all else budget, mode=setup.mode,
                                                chunk=setup.chunk, positions=setup.positions, prompt_len=prompt_len)
         _gather(out, logits, tokens, 0, first)
         tick(1)
         return out
-    cache = make_cache(model.cfg, policy, budget, setup, B, T, pad, tokens.device, model.dtype)
-    step = None
-    for s, e in call_spans(policy, budget, setup, T, prompt_len):
+    cache, step = (reuse or Reuse()).get(model, policy, budget, setup, B, T, pad)
+    for s, e in call_spans(_first(policy), _lowest(budget), setup, T, prompt_len):
         if setup.compile and e - s == 1 and cache.budget is not None:
-            step = step or generate.compile_decode(model, cache)
+            if step is None:
+                step = generate.compile_decode(model, cache)
+                if reuse is not None:
+                    reuse.keep_step(cache, step)
             logits = step(tokens[:, s:e])
         else:
             logits = model(tokens[:, s:e], cache)
@@ -298,24 +343,26 @@ def mc_requests(tok, docs_by_task: dict[str, list[dict]]) -> list[Request]:
 
 
 def mc_batches(requests: list[Request], variant: str, size, setup: Setup, batch_size: int, max_tokens: int):
-    """[(budget, [request index])]: requests that can share a cache (same budget), longest together.
-    Streaming with chunk 1 and prefill pad to the longest (same budget; in prefill the same
-    continuation length, so the prompts end in one column); otherwise one length per batch."""
+    """[([budget per request], [request index])]: requests that can share a cache, longest together.
+    The real cache takes a budget per sequence (cache.KVCache), so streaming with chunk 1 batches
+    any requests, left-padded to the longest, and prefill those with the same continuation length
+    (their prompts end in one column). The masked simulation and streaming with chunk > 1 batch
+    one budget and one length (no padding)."""
     groups: dict = {}
     for i, r in enumerate(requests):
         budget = budget_for(size, r.length)
         if setup.method == "masked" or (setup.mode == "streaming" and setup.chunk > 1):
-            key = (budget, r.length, len(r.context) if setup.mode == "prefill" else 0)  # no padding
+            key = (budget or 0, r.length, len(r.context) if setup.mode == "prefill" else 0)  # no padding
         else:
-            key = (budget, len(r.continuation) if setup.mode == "prefill" else 0)
+            key = (0, len(r.continuation) if setup.mode == "prefill" else 0)
         groups.setdefault(key, []).append(i)
     out = []
-    for key in sorted(groups, key=lambda k: (k[0] or 0, k[1:])):
+    for key in sorted(groups):
         rows = sorted(groups[key], key=lambda i: -requests[i].length)
         while rows:
             T = requests[rows[0]].length
             n = max(1, min(batch_size, max_tokens // T))
-            out.append((key[0], rows[:n]))
+            out.append(([budget_for(size, requests[i].length) for i in rows[:n]], rows[:n]))
             rows = rows[n:]
     return out
 
@@ -323,15 +370,18 @@ def mc_batches(requests: list[Request], variant: str, size, setup: Setup, batch_
 def loglikelihoods(model, requests, variant, size, setup: Setup, args, bar) -> np.ndarray:
     """Sum of log p(continuation tokens | context) for each request, through the cache."""
     lls = np.zeros(len(requests))
-    for budget, rows in mc_batches(requests, variant, size, setup, args.batch_size, args.max_batch_tokens):
+    batches = mc_batches(requests, variant, size, setup, args.batch_size, args.max_batch_tokens)
+    reuse = Reuse(max((b for budgets, _ in batches for b in budgets if b is not None), default=None))
+    for budgets, rows in batches:
         reqs = [requests[i] for i in rows]
         T = max(r.length for r in reqs)
         pad = [T - r.length for r in reqs]
         tokens = torch.tensor([[0] * p + r.context + r.continuation for p, r in zip(pad, reqs)], device=model.device)
         starts = [p + len(r.context) - 1 for p, r in zip(pad, reqs)]  # column predicting the first continuation token
-        policy = make_variant(variant, budget, setup.flags)
+        policy = [make_variant(variant, b, setup.flags) for b in budgets]  # each request's split of its budget
+        budget = None if budgets[0] is None else budgets
         lp = token_logprobs(model, tokens, policy, budget, setup, pad=pad, prompt_len=T - len(reqs[0].continuation),
-                            first=min(starts), tick=bar.update)
+                            first=min(starts), tick=bar.update, reuse=reuse)
         cols = torch.arange(T - 1, device=lp.device)
         mine = cols[None, :] >= torch.tensor(starts, device=lp.device)[:, None]  # (B, T - 1) continuation columns
         lls[rows] = torch.where(mine, lp, 0.0).sum(-1).cpu().numpy()
@@ -339,9 +389,11 @@ def loglikelihoods(model, requests, variant, size, setup: Setup, args, bar) -> n
 
 
 def mc_calls(requests, variant, size, setup: Setup, args) -> int:
-    return sum(len(call_spans(make_variant(variant, b, setup.flags), b, setup, requests[rows[0]].length,
-                              requests[rows[0]].length - len(requests[rows[0]].continuation)))
-               for b, rows in mc_batches(requests, variant, size, setup, args.batch_size, args.max_batch_tokens))
+    n = 0
+    for budgets, rows in mc_batches(requests, variant, size, setup, args.batch_size, args.max_batch_tokens):
+        r, low = requests[rows[0]], _lowest(budgets) if budgets[0] is not None else None
+        n += len(call_spans(make_variant(variant, low, setup.flags), low, setup, r.length, r.length - len(r.continuation)))
+    return n
 
 
 def per_doc(lls, requests: list[Request], mine: list[int]) -> list[list[float]]:

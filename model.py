@@ -103,23 +103,68 @@ def make_norm(cfg: Config) -> nn.Module:
     return RMSNorm(cfg.dim, cfg.norm_eps) if cfg.arch == "llama" else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding, rotate-half layout (RoFormer Eq. 34; the Hugging Face convention).
+def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos and sin (B, H|1, T, D) fp32 of the rotary angles for positions (B, T) or (B, H, T).
 
-    x (B, H, T, D), positions (B, T) or (B, H, T) integer positions. Dimension i pairs with
-    i + D/2 and turns by angle pos * theta^(-2i/D). Checkpoints stored for the interleaved
+    Rotate-half layout (RoFormer Eq. 34; the Hugging Face convention): dimension i pairs with
+    i + D/2, and both turn by angle pos * theta^(-2i/D). Checkpoints stored for the interleaved
     (Meta / GGUF) layout have their Q and K rows permuted into this one by the loader.
     """
-    D = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # (D/2,)
+    D = head_dim
+    inv_freq = theta ** (-torch.arange(0, D, 2, device=positions.device, dtype=torch.float32) / D)  # (D/2,)
     if positions.dim() == 2:
         positions = positions[:, None, :]  # (B, 1, T): the same positions for every head
     angles = positions.float()[..., None] * inv_freq  # (B, H|1, T, D/2)
-    cos = torch.cat([angles.cos(), angles.cos()], -1)  # (B, H|1, T, D)
-    sin = torch.cat([angles.sin(), angles.sin()], -1)
+    angles = torch.cat([angles, angles], -1)  # (B, H|1, T, D): i and i + D/2 turn alike
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., T, D) turned by angles whose cos and sin broadcast to it: x cos + rotate_half(x) sin,
+    where rotate_half(x) = (-x2, x1) for the halves x1, x2 of x. Computed in fp32."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)  # (..., T, D)
     return (x.float() * cos + rotated * sin).type_as(x)
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding of x (B, H, T, D) by positions (B, T) or (B, H, T), angles computed here.
+    The slow twin of the angles Transformer.forward computes once for every layer (a test holds
+    the two equal); slot positions (rotated at read time by per-layer ranks) always come here."""
+    return apply_rotary(x, *rotary_angles(positions, x.shape[-1], theta))
+
+
+BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")  # torch.bmm(a, b, out_dtype=...): torch >= 2.8, CUDA kernels only
+
+
+def upcast_scores(rows, k):
+    """q k^T with both upcast first: rows (B, Hkv, R, D), k (B, Hkv, S, D) -> (B, Hkv, R, S) in
+    fp32 or wider. The slow twin of half_scores, and the path everywhere it does not apply."""
+    ct = torch.promote_types(rows.dtype, torch.float32)
+    return rows.to(ct) @ k.to(ct).transpose(-1, -2)  # (B, Hkv, R, S)
+
+
+def half_scores(rows, k):
+    """q k^T as one bf16 / fp16 batched matmul that accumulates in and writes fp32 (CUDA only).
+    rows (B, Hkv, R, D), k (B, Hkv, S, D) -> (B, Hkv, R, S) fp32."""
+    B, Hkv, R, D = rows.shape
+    S = k.shape[2]
+    kt = k.reshape(B * Hkv, S, D).transpose(1, 2)  # (B*Hkv, D, S), a view: no copy of the keys
+    return torch.bmm(rows.reshape(B * Hkv, R, D), kt, out_dtype=torch.float32).view(B, Hkv, R, S)
+
+
+def attention_scores(rows, k):
+    """q k^T in fp32 at least (the policies score in fp32): rows (B, Hkv, R, D), k (B, Hkv, S, D).
+
+    bf16 / fp16 on CUDA: half_scores, a tensor-core matmul with fp32 accumulation and output. It
+    loses nothing against upcasting first: the inputs are already half precision, and the product
+    of two of them is exact in fp32, so only the order of the fp32 additions differs. Upcasting
+    first (upcast_scores) copies q and k to fp32 and runs an fp32 matmul, several times slower.
+    Elsewhere (the CPU, fp32 models, a torch without bmm's out_dtype): upcast_scores.
+    """
+    if BMM_OUT_DTYPE and rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16) and k.dtype == rows.dtype:
+        return half_scores(rows, k)
+    return upcast_scores(rows, k)
 
 
 def attend(q, k, v, mask, need_probs: bool):
@@ -138,8 +183,7 @@ def attend(q, k, v, mask, need_probs: bool):
     S = k.shape[2]
     rows = q.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D)
     if need_probs:
-        ct = torch.promote_types(q.dtype, torch.float32)
-        scores = (rows.to(ct) @ k.to(ct).transpose(-1, -2)).view(B, Hkv, G, T, S) / math.sqrt(D)  # (B, Hkv, G, T, S)
+        scores = attention_scores(rows, k).view(B, Hkv, G, T, S) / math.sqrt(D)  # (B, Hkv, G, T, S)
         probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=-1)
         out = probs.to(v.dtype).view(B, Hkv, G * T, S) @ v  # (B, Hkv, G*T, D)
         return out.view(B, Hkv, G, T, D), probs
@@ -182,21 +226,27 @@ class Attention(nn.Module):
         B, Hkv, G, T, D = out.shape
         return self.wo(out.permute(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D))  # (B, T, H*D) -> (B, T, dim)
 
-    def rope(self, x, positions):
-        """Rotate x (B, Hkv, [G,] T, D) by positions (B, T) or per KV head (B, Hkv, T)."""
+    def rope(self, x, positions, angles=None):
+        """Rotate x (B, Hkv, [G,] T, D) by positions (B, T) or per KV head (B, Hkv, T).
+        angles: (cos, sin) (B, 1, T, D) of positions (B, T), computed once per forward for every
+        layer (Transformer.forward); None computes them here from positions (the slow twin)."""
         if not self.cfg.rotary:
             return x
+        if angles is not None:  # the same angles for every head: broadcast over the heads (and the group)
+            cos, sin = angles if x.dim() == 4 else (a[:, :, None] for a in angles)  # (B, 1, [1,] T, D)
+            return apply_rotary(x, cos, sin)
         if x.dim() == 5:  # queries: fold the group into the head axis
             B, Hkv, G, T, D = x.shape
             pos = positions if positions.dim() == 2 else positions[:, :, None].expand(B, Hkv, G, T).reshape(B, Hkv * G, T)
             return rotate(x.reshape(B, Hkv * G, T, D), pos, self.cfg.rope_theta).view(B, Hkv, G, T, D)
         return rotate(x, positions, self.cfg.rope_theta)
 
-    def forward(self, x, positions, layer_cache=None, explicit: bool = False):
-        """x (B, T, dim), positions (B, T) text positions of the rows. -> (B, T, dim)."""
+    def forward(self, x, positions, layer_cache=None, explicit: bool = False, angles=None):
+        """x (B, T, dim), positions (B, T) text positions of the rows. -> (B, T, dim).
+        angles: rotary_angles(positions) when the caller computed them once for all layers, or None."""
         q, k, v = self.project(x)
         if layer_cache is None:  # plain causal attention over this call's rows
-            q, k = self.rope(q, positions), self.rope(k, positions)
+            q, k = self.rope(q, positions, angles), self.rope(k, positions, angles)
             if not explicit:
                 return self.output(causal_attention(q, k, v))
             mask = (positions[:, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, T)
@@ -204,17 +254,17 @@ class Attention(nn.Module):
             out, _ = attend(q, k, v, mask, need_probs=True)
             return self.output(out)
         if not layer_cache.rotate_on_read:  # original positions: keys are stored rotated
-            q, k = self.rope(q, positions), self.rope(k, positions)
+            q, k = self.rope(q, positions, angles), self.rope(k, positions, angles)
         view = layer_cache.update(k, v, positions)  # what this call's rows may attend to
         if layer_cache.owner.fresh and not (explicit or layer_cache.needs_probs):
             # fast twin: the first call into an empty cache sees exactly its own rows, causally
             if layer_cache.rotate_on_read:  # slot ranks of a fresh cache are the text positions
-                q, k = self.rope(q, positions), self.rope(k, positions)
+                q, k = self.rope(q, positions, angles), self.rope(k, positions, angles)
             out = causal_attention(q, k, v)
             layer_cache.evict()
             return self.output(out)
         k_all = view.keys
-        if layer_cache.rotate_on_read:  # slot positions (StreamingLLM 3.2): rotate at read time
+        if layer_cache.rotate_on_read:  # slot positions (StreamingLLM 3.2): rotate at read time, per layer
             q, k_all = self.rope(q, view.query_pos), self.rope(k_all, view.key_pos)
         need_probs = explicit or layer_cache.needs_probs
         B, Hkv, G, T, D = q.shape
@@ -260,8 +310,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, layer_cache=None, explicit=False):
-        x = x + self.attn(self.attn_norm(x), positions, layer_cache, explicit)
+    def forward(self, x, positions, layer_cache=None, explicit=False, angles=None):
+        x = x + self.attn(self.attn_norm(x), positions, layer_cache, explicit, angles)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -294,8 +344,9 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache=None, explicit: bool = False, block_fn=None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab). explicit=True forces the softmax attention path.
-        block_fn(block, x, positions, layer_cache, explicit) runs each block (default: Block.forward);
-        generate.compile_decode passes one compiled Block.forward that every layer shares."""
+        block_fn(block, x, positions, layer_cache, explicit, angles) runs each block (default:
+        Block.forward); generate.compile_decode passes one compiled Block.forward that every layer
+        shares. angles: the rotary cos and sin of positions, computed here once for every layer."""
         block_fn = block_fn or Block.forward
         B, T = tokens.shape
         if cache is None:
@@ -303,8 +354,9 @@ class Transformer(nn.Module):
         else:
             positions = cache.positions(T)  # (B, T): each row's position in its text
         x = self.embed(tokens, positions)
+        angles = rotary_angles(positions, self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.rotary else None  # (B, 1, T, D)
         for i, block in enumerate(self.layers):
-            x = block_fn(block, x, positions, None if cache is None else cache.layers[i], explicit)
+            x = block_fn(block, x, positions, None if cache is None else cache.layers[i], explicit, angles)
         if cache is not None:
             cache.advance(T)
         return self.head(x)

@@ -177,13 +177,16 @@ def pool_scores(scores, key_pos, valid, kernel: int):
     return torch.empty_like(pooled).scatter_(-1, order, pooled)  # back to slot order
 
 
-def priority(policy: Policy, scores, counts, key_pos, valid, newest, layer: int):
+def priority(policy: Policy, scores, counts, key_pos, valid, newest, layer: int, n_sink=None, recent=None):
     """What eviction ranks by, highest kept first: (B, Hkv, S) fp32.
 
     key_pos, valid (B, Hkv, S); newest (B,) the newest row's position. Protected slots (the
     n_sink first, the `recent` latest, newest included) get +inf; empty slots -inf. The caller
-    breaks ties by evicting the oldest.
+    breaks ties by evicting the oldest. n_sink, recent: per-sequence (B, 1, 1) tensors where the
+    sequences of a batch have budgets of their own (cache.KVCache); default the policy's.
     """
+    n_sink = policy.n_sink if n_sink is None else n_sink
+    recent = policy.recent if recent is None else recent
     if policy.random:
         B, H, S = key_pos.shape
         head = torch.arange(H, device=key_pos.device)[None, :, None]
@@ -194,6 +197,6 @@ def priority(policy: Policy, scores, counts, key_pos, valid, newest, layer: int)
             p = pool_scores(p, key_pos, valid, policy.pool)
     else:
         p = torch.zeros_like(scores)
-    protected = (key_pos < policy.n_sink) | (key_pos > newest[:, None, None] - policy.recent)
+    protected = (key_pos < n_sink) | (key_pos > newest[:, None, None] - recent)
     p = torch.where(protected, float("inf"), p)
     return torch.where(valid, p, float("-inf"))

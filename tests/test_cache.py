@@ -177,6 +177,42 @@ def test_batch_with_left_padding_equals_each_sequence_alone():
 
 
 @FAST
+@given(name=st.sampled_from(["h2o", "a2sf", "vatp", "sink", "window", "snapkv", "h2o_mean", "tova"]),
+       budgets=st.lists(st.integers(2, 14), min_size=2, max_size=3), mode=st.sampled_from(["streaming", "prefill"]),
+       seed=st.integers(0, 1000))
+def test_per_sequence_budgets_equal_each_sequence_alone(name, budgets, mode, seed):
+    """A batch whose sequences each have their own budget and split (one cache ratio over texts of
+    different lengths) keeps, per sequence, what that sequence alone keeps; also after a reset."""
+    m = tiny_model("tiny-llama")
+    g = torch.Generator().manual_seed(seed)
+    lens = [int(torch.randint(8, 22, (), generator=g)) for _ in budgets]
+    seqs = [torch.randint(0, 128, (n,), generator=g) for n in lens]
+    T = max(lens)
+    pad = [T - n for n in lens]
+    batch = torch.stack([torch.cat([torch.zeros(p_, dtype=torch.long), s]) for p_, s in zip(pad, seqs)])
+    split = [policies.make_policy(name, b) if b >= 8 else policies.make_policy(name, b, n_sink=0, recent=1)
+             for b in budgets]
+    prompt = T - 4 if mode == "prefill" else None
+    c = KVCache(m.cfg, split, budgets, batch=len(budgets), pad=pad, mode=mode)
+    runs = [run_through(m, batch, c, prompt)]
+    kept = [[c.kept_positions(layer) for layer in range(m.cfg.n_layers)]]
+    c.reset(pad, split[::-1], budgets[::-1])  # the same storage, budgets swapped round
+    runs.append(run_through(m, batch, c, prompt))
+    for r, (sp, bud) in enumerate([(split, budgets), (split[::-1], budgets[::-1])]):
+        for b, s in enumerate(seqs):
+            alone = KVCache(m.cfg, sp[b], bud[b], mode=mode)
+            ref = run_through(m, s[None], alone, None if prompt is None else prompt - pad[b])
+            torch.testing.assert_close(runs[r][b, pad[b]:], ref[0], rtol=0, atol=1e-5)
+            if r == 0:
+                for layer in range(m.cfg.n_layers):
+                    assert kept[0][layer][b] == alone.kept_positions(layer)[0]
+            else:
+                assert (c.tokens_held()[:, b] <= bud[b]).all()
+    with pytest.raises(ValueError, match="above this cache"):
+        c.reset(pad, budget=[max(budgets) + 1] * len(budgets))
+
+
+@FAST
 @given(seed=st.integers(0, 10_000), S=st.integers(2, 12), budget=st.integers(1, 11), ties=st.booleans())
 def test_evict_one_equals_keep_top(seed, S, budget, ties):
     """The decode-step fast twin (one eviction, no sort) keeps exactly what the general rule keeps."""

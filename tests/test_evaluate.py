@@ -153,9 +153,10 @@ def test_json_on_stdout(tiny, tmp_path, fake_task, capsys):
     assert printed == json.loads((tmp_path / "x.json").read_text()) and printed["config"]["ratio"] == 0.5
 
 
-def test_mc_masked_simulation_equals_real_eviction(tiny, tmp_path, fake_task):
-    rec = run(["mc", "--tasks", "copa", "--policies", "h2o,a2sf,window,snapkv", "--ratios", "0.3", "--method", "both"],
-              tiny, tmp_path)
+@pytest.mark.parametrize("batch", ["64", "2"])  # one batch of every budget; batches of 2 that reuse one cache
+def test_mc_masked_simulation_equals_real_eviction(tiny, tmp_path, fake_task, batch):
+    rec = run(["mc", "--tasks", "copa", "--policies", "h2o,a2sf,window,snapkv", "--ratios", "0.3", "--method", "both",
+               "--batch-size", batch], tiny, tmp_path)
     for row in rec["results"]:
         assert row["same_predictions"] and row["max_abs_ll_diff"] < 1e-3
         assert row["acc"] == row["acc_masked"]
