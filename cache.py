@@ -137,14 +137,14 @@ class LayerCache:
         """probs (B, Hkv, G, R, S) of rows r0..r1 of this call (None for unscored policies)."""
         if self.policy.scored:
             newest = self.q_pos.amax(dim=-1)
-            self.update_sum += policies.row_update(self.policy, probs, self.q_pos[:, r0:r1], newest)
+            self.update_sum += policies.row_update(self.policy, probs, self.q_pos[:, r0:r1], newest, self.owner.alpha)
             self.counts += policies.seen_counts(mask, self.q_pos[:, r0:r1]).to(self.counts.dtype)
 
     def evict(self) -> None:
         """After the call's attention: finish the score update, then evict down to the budget."""
         if self.policy.scored:
             n_rows = (self.q_pos >= 0).sum(dim=-1)
-            self.scores.copy_(policies.apply_update(self.policy, self.scores, self.update_sum, self.v, n_rows))
+            self.scores.copy_(policies.apply_update(self.policy, self.scores, self.update_sum, self.v, n_rows, self.owner.alpha))
         if not self.owner.evicting:
             return  # nothing can be over budget yet (decided on shapes in KVCache._reserve)
         o = self.owner
@@ -229,6 +229,7 @@ class KVCache:
         self.next_pos = (-pad).to(self.device)  # (B,) position of each sequence's next token
         self.budgets = torch.zeros(batch, 1, 1, dtype=torch.long, device=self.device)  # (B, 1, 1) per sequence
         self.n_sinks, self.recents = torch.zeros_like(self.budgets), torch.zeros_like(self.budgets)
+        self.alpha = torch.tensor(policy.alpha, dtype=self.score_dtype, device=self.device)  # a tensor: no recompiles
         self._set_budgets(policy_list, budget_list)
         self.layers = [LayerCache(i, self) for i in range(cfg.n_layers)]
 

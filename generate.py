@@ -84,6 +84,9 @@ def compile_decode(model, cache: KVCache, backend: str = "inductor", warmup: int
     holds the two equal."""
     from model import Block
 
+    # every policy family and cache shape is one more compiled entry of Block.forward (evaluate.py
+    # runs dozens in one process); past the default limit of 8, dynamo would fall back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
     block_fn = torch.compile(Block.forward, backend=backend, fullgraph=True)
     step = lambda tokens: model(tokens, cache, block_fn=block_fn)
     return CudaGraphStep(step, warmup) if cache.device.type == "cuda" else step

@@ -108,19 +108,25 @@ def aggregate_heads(probs: torch.Tensor, how: str) -> torch.Tensor:
     return probs.sum(dim=2) if how == "sum" else probs.amax(dim=2)
 
 
-def row_weights(policy: Policy, q_pos: torch.Tensor, newest: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+def _alpha(policy: Policy, alpha, dtype, device) -> torch.Tensor:
+    """The forgetting factor as a tensor: the policy's, or `alpha` (a 0-dim tensor the cache holds,
+    so a compiled step does not specialise on its value)."""
+    return torch.tensor(policy.alpha, dtype=dtype, device=device) if alpha is None else alpha.to(dtype)
+
+
+def row_weights(policy: Policy, q_pos: torch.Tensor, newest: torch.Tensor, dtype=torch.float32, alpha=None) -> torch.Tensor:
     """q_pos (B, R) text positions of rows (< 0: padding), newest (B,) the call's newest row t
     -> (B, R) weights w[q] * alpha^(t - q). 0^0 = 1, so alpha = 0 keeps the newest row only."""
     row_valid = q_pos >= 0
     t = newest[:, None]  # (B, 1)
     age = (t - q_pos).clamp(min=0).to(dtype)  # (B, T)
-    w = torch.pow(torch.tensor(policy.alpha, dtype=dtype, device=q_pos.device), age)
+    w = torch.pow(_alpha(policy, alpha, dtype, q_pos.device), age)
     if policy.obs_window:  # SnapKV: only the last obs_window rows of the call vote
         w = w * (q_pos > t - policy.obs_window)
     return w * row_valid
 
 
-def row_update(policy: Policy, probs, q_pos, newest):
+def row_update(policy: Policy, probs, q_pos, newest, alpha=None):
     """The inner sum of the shared form for some of a call's rows: (B, Hkv, S) fp32
     sum_q alpha^(t - q) w[q] sum_{h in G(g)} A[h, q, j].
 
@@ -128,16 +134,16 @@ def row_update(policy: Policy, probs, q_pos, newest):
     newest row of the whole call (t). Rows may come in chunks: the updates of the chunks add up.
     """
     A = aggregate_heads(probs, policy.gqa)  # (B, Hkv, R, S)
-    w = row_weights(policy, q_pos, newest, A.dtype)  # (B, R)
+    w = row_weights(policy, q_pos, newest, A.dtype, alpha)  # (B, R)
     return torch.einsum("bgrs,br->bgs", A, w)
 
 
-def apply_update(policy: Policy, scores, update, values, n_rows):
+def apply_update(policy: Policy, scores, update, values, n_rows, alpha=None):
     """s <- alpha^(n_rows) s + nu * update (A2SF Eq. 5; VATP Eq. 4 for nu = ||v||_1).
     scores, update (B, Hkv, S); values (B, Hkv, S, D); n_rows (B,) rows of the call."""
     if policy.value_prior:
         update = update * values.to(update.dtype).abs().sum(dim=-1)
-    decay = torch.pow(torch.tensor(policy.alpha, dtype=update.dtype, device=update.device), n_rows.to(update.dtype))
+    decay = torch.pow(_alpha(policy, alpha, update.dtype, update.device), n_rows.to(update.dtype))
     return decay[:, None, None] * scores + update
 
 
