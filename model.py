@@ -149,7 +149,7 @@ def half_scores(rows, k):
     rows (B, Hkv, R, D), k (B, Hkv, S, D) -> (B, Hkv, R, S) fp32."""
     B, Hkv, R, D = rows.shape
     S = k.shape[2]
-    kt = k.reshape(B * Hkv, S, D).transpose(1, 2)  # (B*Hkv, D, S), a view: no copy of the keys
+    kt = k.reshape(B * Hkv, S, D).transpose(1, 2)  # (B*Hkv, D, S): a view of contiguous keys (the cache's), no copy
     return torch.bmm(rows.reshape(B * Hkv, R, D), kt, out_dtype=torch.float32).view(B, Hkv, R, S)
 
 
