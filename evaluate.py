@@ -452,7 +452,7 @@ def run_alpha(model, tok, args, setup: Setup) -> list[dict]:
     """A2SF Fig. 5: a2sf at each alpha (its own split: all budget to scores), beside h2o and h2o_mean
     with their default split (half recent) and full, at one cache ratio."""
     args.policy_list = [f"a2sf@{a:g}" for a in args.alphas] + ["h2o", "h2o_mean", "full"]
-    args.task_list = [args.task]
+    args.task_list = args.task.split(",")
     if not (args.budgets or args.ratios or args.budget or args.ratio):
         args.ratios = [0.3]  # the paper's Fig. 5
     return run_mc(model, tok, args, setup)
@@ -658,15 +658,18 @@ def plot_mc(plt, rows, metric):
 
 
 def plot_alpha(plt, rows, metric):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    pts = sorted((parse_variant(r["policy"])[2], r[metric], r[metric + "_stderr"]) for r in rows if "@" in r["policy"])
-    ax.errorbar(*zip(*pts), marker="o", capsize=3, label="a2sf")
-    for r, color in zip([r for r in rows if "@" not in r["policy"]], ["C1", "C2", "k", "C3"]):
-        ax.axhline(r[metric], color=color, ls="--", label=f"{r['policy']} {r[metric]:.3f}")
-    r0 = rows[0]
-    ax.set(xlabel="alpha (forgetting factor)", ylabel=metric,
-           title=f"{r0['task']} {r0['variant']}, {r0['size']}, n={r0['n_docs']}")
-    ax.legend(fontsize=8)
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in rows if r["task"] == task]
+        pts = sorted((parse_variant(r["policy"])[2], r[metric], r[metric + "_stderr"]) for r in mine if "@" in r["policy"])
+        ax.errorbar(*zip(*pts), marker="o", capsize=3, label="a2sf")
+        for r, color in zip([r for r in mine if "@" not in r["policy"]], ["C1", "C2", "k", "C3"]):
+            ax.axhline(r[metric], color=color, ls="--", label=f"{r['policy']} {r[metric]:.3f}")
+        r0 = next(r for r in mine if r["size"])
+        ax.set(xlabel="alpha (forgetting factor)", ylabel=metric,
+               title=f"{task} {r0['variant']}, {r0['size']}, n={r0['n_docs']}")
+        ax.legend(fontsize=8)
     return fig
 
 
@@ -766,7 +769,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tasks", dest="task_list", type=_list(str), default=["arc_easy"], help=", ".join(data.MC_TASKS))
     s.add_argument("--variant", default="rc_0shot", help="rc_0shot, rc_5shot, ...")
     s = add("alpha", run_alpha, "A2SF's alpha sweep against H2O and H2O-mean", default_policies="")
-    s.add_argument("--task", default="piqa")
+    s.add_argument("--task", default="piqa", help="a task, or comma-separated tasks (one panel each)")
     s.add_argument("--variant", default="rc_0shot")
     s.add_argument("--alphas", type=_list(float), default=[round(0.1 * i, 1) for i in range(11)])
     s = add("mask-sim", run_mask_sim, "cosine of kept masks to the ideal mask (A2SF Table 2)",
@@ -792,18 +795,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-SUITE = {  # stage -> command line, in order of priority. Sized for ~8 minutes of one H100 at ~30 ms per call
-    # (the README says how that was estimated); `suite --dry-run` counts the calls, --set changes any size.
+ALL_TASKS = ",".join(data.MC_TASKS)
+PAPER_POLICIES = "full,window,sink,h2o,h2o+sink,h2o_mean,a2sf,vatp,tova,snapkv"
+SUITE = {  # stage -> command line, in order of priority: the GPU plan (README "Results"). `suite --dry-run` counts
+    # the calls, --set changes any size. Accuracy runs batch thousands of requests, each with its own budget
+    # (cache.KVCache), and decode through one CUDA graph per run (--compile).
     "check": "mc --tasks copa --limit 10 --ratios 0.2 --policies h2o,a2sf --method both --dtype float32",
-    "mc": "mc --tasks copa,winogrande,openbookqa --ratios 0.2 --batch-size 1024 --max-batch-tokens 65536 "
-          "--policies full,window,sink,h2o,h2o+sink,a2sf,vatp,tova,h2o_mean,snapkv",
-    "ppl": "ppl --policies full,window,sink,h2o,a2sf --budgets 64 --tokens 512 --limit 32",
-    "alpha": "alpha --task winogrande --ratio 0.3 --alphas 0,0.1,0.2,0.3,0.5,0.7,1 --batch-size 1024 "
-             "--max-batch-tokens 65536",
-    "mask-sim": "mask-sim --policies window,h2o,a2sf --ratio 0.2 --tokens 512 --limit 4",
-    "needle": "needle --policies full,window,sink,h2o,a2sf --budgets 128 --lengths 512,1024,2048 --mode prefill",
-    "ratios": "mc --tasks copa,winogrande,openbookqa --ratios 0.1,0.5 --policies window,h2o,a2sf --batch-size 1024 "
-              "--max-batch-tokens 65536",
+    "mc": f"mc --tasks {ALL_TASKS} --limit 500 --ratios 0.1,0.2,0.3,0.5,0.7 --policies {PAPER_POLICIES} "
+          "--batch-size 2048 --max-batch-tokens 400000 --compile",
+    "fewshot": f"mc --variant rc_5shot --tasks {ALL_TASKS} --limit 200 --ratios 0.2,0.5 "
+               "--policies full,window,sink,h2o,a2sf,vatp,tova --batch-size 1024 --max-batch-tokens 300000 --compile",
+    "alpha": "alpha --task piqa,arc_easy,openbookqa,winogrande --limit 500 --ratio 0.2 "
+             "--alphas 0,0.1,0.2,0.3,0.5,0.7,0.9,1 --batch-size 2048 --max-batch-tokens 400000 --compile",
+    "ppl": "ppl --policies full,window,sink,h2o,a2sf --budgets 64,256,1024 --tokens 4096 --limit 4 --compile",
+    "ppl8k": "ppl --policies full,window,sink,h2o,a2sf --budgets 256 --tokens 8192 --limit 2 --compile",
+    "long": "ppl --policies window,sink,a2sf --budgets 1024 --tokens 20000 --positions slot --limit 1 --window 1000 --compile",
+    "needle": "needle --policies full,window,sink,h2o,a2sf,snapkv --budgets 128,512 --lengths 1024,2048,4096 --limit 4 "
+              "--mode prefill",
+    "mask-sim": "mask-sim --policies window,sink,h2o,a2sf,tova,vatp --ratio 0.2 --tokens 512 --limit 4",
 }
 
 
@@ -823,7 +832,7 @@ def run(args, model=None, tok=None):
     if args.mode == "prefill" and args.command in ("ppl", "mask-sim"):
         raise ValueError(f"{args.command} streams a text: use --mode streaming")
     if args.command in ("mc", "alpha"):
-        for t in args.task_list if args.command == "mc" else [args.task]:
+        for t in args.task_list if args.command == "mc" else args.task.split(","):
             if t not in data.MC_TASKS:
                 raise ValueError(f"unknown task {t!r}: use one of {', '.join(data.MC_TASKS)}")
         args.batch_size = args.batch_size or 64
