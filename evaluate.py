@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import random
@@ -312,6 +313,7 @@ def run_ppl(model, tok, args, setup: Setup) -> list[dict]:
             t0 = time.perf_counter()
             nll = torch.cat([-token_logprobs(model, torch.tensor(rows_, device=model.device), policy, budget, setup,
                                              tick=bar.update) for rows_ in batches]).cpu()  # (texts, N - 1)
+            free_memory()
             W = args.window
             results.append(dict(
                 policy=v, size=size and dict([size]), budget=budget, tokens=N, texts=names,
@@ -385,7 +387,16 @@ def loglikelihoods(model, requests, variant, size, setup: Setup, args, bar) -> n
         cols = torch.arange(T - 1, device=lp.device)
         mine = cols[None, :] >= torch.tensor(starts, device=lp.device)[:, None]  # (B, T - 1) continuation columns
         lls[rows] = torch.where(mine, lp, 0.0).sum(-1).cpu().numpy()
+        free_memory()
     return lls
+
+
+def free_memory() -> None:
+    """A cache's layers point back at it (a reference cycle), so its GPU storage waits for Python's
+    garbage collector, which counts objects, not bytes: collect after each batch."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def mc_calls(requests, variant, size, setup: Setup, args) -> int:
