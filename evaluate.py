@@ -144,7 +144,8 @@ class Setup:
     positions: str = "original"
     method: str = "real"  # real: the evicting cache; masked: simulate.masked_simulation
     flags: dict = field(default_factory=dict)  # alpha, n_sink, recent, gqa for make_variant
-    compile: bool = False  # one-token calls through generate.compile_decode (CUDA graph)
+    compile: bool = False  # steady calls through generate.compile_decode (torch.compile + CUDA graph)
+    graph: bool = False  # steady calls through generate.graph_decode (the eager step as a CUDA graph)
 
 
 def evicts(policy: Policy, budget: int | None, T: int) -> bool:
@@ -251,9 +252,9 @@ def token_logprobs(model, tokens, policy, budget, setup: Setup, *, pad=None, pro
         return out
     cache, step = (reuse or Reuse()).get(model, policy, budget, setup, B, T, pad)
     for s, e in call_spans(_first(policy), _lowest(budget), setup, T, prompt_len):
-        if setup.compile and e - s == 1 and cache.budget is not None:
-            if step is None:
-                step = generate.compile_decode(model, cache)
+        if (setup.compile or setup.graph) and s > 0 and e - s == setup.chunk and cache.budget is not None:
+            if step is None:  # the steady calls, all of one shape: one step for them all
+                step = generate.compile_decode(model, cache) if setup.compile else generate.graph_decode(model, cache)
                 if reuse is not None:
                     reuse.keep_step(cache, step)
             logits = step(tokens[:, s:e])
@@ -758,7 +759,9 @@ def parser() -> argparse.ArgumentParser:
                         help="docs per task (mc), texts (ppl, mask-sim), keys per cell (needle)")
     common.add_argument("--batch-size", type=int, default=None, help="sequences per batch (mc default 64; ppl: all texts)")
     common.add_argument("--max-batch-tokens", type=int, default=32768, help="batch size x length at most (memory)")
-    common.add_argument("--compile", action="store_true", help="one-token calls through generate.compile_decode")
+    common.add_argument("--compile", action="store_true", help="steady calls through generate.compile_decode")
+    common.add_argument("--graph", action="store_true",
+                        help="steady calls replayed as a CUDA graph of the eager step (generate.graph_decode; no compile)")
     common.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     common.add_argument("--dtype", choices=generate.DTYPES, default=None, help="default: bfloat16 on cuda, float32 on cpu")
     common.add_argument("--model", default=None, help="checkpoint (default: SmolLM2-135M)")
@@ -810,20 +813,21 @@ ALL_TASKS = ",".join(data.MC_TASKS)
 PAPER_POLICIES = "full,window,sink,h2o,h2o+sink,h2o_mean,a2sf,vatp,tova,snapkv"
 SUITE = {  # stage -> command line, in order of priority: the GPU plan (README "Results"). `suite --dry-run` counts
     # the calls, --set changes any size. Accuracy runs batch thousands of requests, each with its own budget
-    # (cache.KVCache), and decode through one CUDA graph per run (--compile).
+    # (cache.KVCache), and replay their steady calls as CUDA graphs (--graph: nothing to compile).
     "check": "mc --tasks copa --limit 10 --ratios 0.2 --policies h2o,a2sf --method both --dtype float32",
-    "mc": f"mc --tasks {ALL_TASKS} --limit 500 --ratios 0.1,0.2,0.3,0.5,0.7 --policies {PAPER_POLICIES} "
-          "--batch-size 2048 --max-batch-tokens 400000 --compile",
-    "fewshot": f"mc --variant rc_5shot --tasks {ALL_TASKS} --limit 200 --ratios 0.2,0.5 "
-               "--policies full,window,sink,h2o,a2sf,vatp,tova --batch-size 1024 --max-batch-tokens 300000 --compile",
-    "alpha": "alpha --task piqa,arc_easy,openbookqa,winogrande --limit 500 --ratio 0.2 "
-             "--alphas 0,0.1,0.2,0.3,0.5,0.7,0.9,1 --batch-size 2048 --max-batch-tokens 400000 --compile",
-    "ppl": "ppl --policies full,window,sink,h2o,a2sf --budgets 64,256,1024 --tokens 4096 --limit 4 --compile",
-    "ppl8k": "ppl --policies full,window,sink,h2o,a2sf --budgets 256 --tokens 8192 --limit 2 --compile",
-    "long": "ppl --policies window,sink,a2sf --budgets 1024 --tokens 20000 --positions slot --limit 1 --window 1000 --compile",
+    "mc": f"mc --tasks {ALL_TASKS} --limit 200 --ratios 0.1,0.2,0.3,0.5,0.7 --policies {PAPER_POLICIES} "
+          "--batch-size 2048 --max-batch-tokens 100000 --graph",
+    "alpha": "alpha --task piqa,arc_easy,openbookqa,winogrande --limit 200 --ratio 0.2 "
+             "--alphas 0,0.1,0.2,0.3,0.5,0.7,0.9,1 --batch-size 2048 --max-batch-tokens 100000 --graph",
+    "ppl": "ppl --policies full,window,sink,h2o,a2sf,tova --budgets 64,256,1024 --tokens 8192 --limit 4 --chunk 16 --graph",
+    "long": "ppl --policies window,sink,a2sf --budgets 1024 --tokens 20000 --positions slot --limit 1 --window 1000 "
+            "--chunk 16 --graph",
+    "fewshot": f"mc --variant rc_5shot --tasks {ALL_TASKS} --limit 50 --ratios 0.2 --policies full,window,h2o,a2sf "
+               "--batch-size 1024 --max-batch-tokens 100000 --graph",
     "needle": "needle --policies full,window,sink,h2o,a2sf,snapkv --budgets 128,512 --lengths 1024,2048,4096 --limit 4 "
               "--mode prefill",
-    "mask-sim": "mask-sim --policies window,sink,h2o,a2sf,tova,vatp --ratio 0.2 --tokens 512 --limit 4",
+    "ppl1": "ppl --policies window,sink,h2o,a2sf --budgets 256 --tokens 4096 --limit 4 --graph",
+    "mask-sim": "mask-sim --policies window,sink,h2o,a2sf,tova,vatp --ratio 0.2 --tokens 512 --limit 2",
 }
 
 
@@ -860,7 +864,7 @@ def run(args, model=None, tok=None):
     if args.command == "suite":
         return run_suite(args, model, tok)
     setup = Setup(mode=args.mode, chunk=args.chunk, positions=args.positions, method=args.method, compile=args.compile,
-                  flags=dict(alpha=args.alpha, n_sink=args.n_sink, recent=args.recent, gqa=args.gqa))
+                  graph=args.graph, flags=dict(alpha=args.alpha, n_sink=args.n_sink, recent=args.recent, gqa=args.gqa))
     t0 = time.perf_counter()
     results = args.func(model, tok, args, setup)
     if args.dry_run:

@@ -92,6 +92,16 @@ def compile_decode(model, cache: KVCache, backend: str = "inductor", warmup: int
     return CudaGraphStep(step, warmup) if cache.device.type == "cuda" else step
 
 
+def graph_decode(model, cache: KVCache, warmup: int = 2):
+    """The eager step, `model(tokens, cache)`, captured as one CUDA graph on CUDA (no torch.compile,
+    so nothing to compile: a graph per cache costs a few eager steps). Replaying the step's few
+    thousand small kernels from a graph removes Python and launch overhead, the eager step's cost
+    at evaluation sizes. Works for any fixed call shape. Its slow twin is the eager step; a GPU
+    test holds the two equal."""
+    step = lambda tokens: model(tokens, cache)
+    return CudaGraphStep(step, warmup) if cache.device.type == "cuda" else step
+
+
 class CudaGraphStep:
     """Runs `step` for the first `warmup` calls (real decode steps: they compile it), then
     captures one call as a CUDA graph and replays it from then on. The step must keep its state

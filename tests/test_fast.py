@@ -47,6 +47,36 @@ def test_cuda_graph_decode_step_equals_eager(policy_name):
     _decode_both(m, policy_name, None if policy_name == "full" else 12, device="cuda", backend="inductor")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy_name", ["sink", "h2o", "a2sf", "snapkv"])
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_graph_of_the_eager_step_equals_eager_across_resets(policy_name, chunk):
+    """generate.graph_decode (the eager step replayed as a CUDA graph, no compile) against the eager
+    step, with per-sequence budgets, left padding, and a reset between two batches (evaluate.Reuse)."""
+    m = tiny_model("tiny-llama").cuda()
+    budgets = [9, 13]
+    split = [policies.make_policy(policy_name, b) for b in budgets]
+    caches = [KVCache(m.cfg, split, budgets, batch=2, chunk=chunk, pad=[0, 3], device="cuda") for _ in range(2)]
+    step = None
+    for round_ in range(2):
+        tokens = torch.randint(1, 128, (2, 16 + 8 * chunk), generator=torch.Generator().manual_seed(round_)).cuda()
+        if round_:
+            for c in caches:
+                c.reset([2, 0], split[::-1], budgets[::-1])
+        with torch.no_grad():
+            for c in caches:
+                for s in range(0, 16, chunk):
+                    m(tokens[:, s:s + chunk], c)
+            step = step or generate.graph_decode(m, caches[1])
+            for s in range(16, tokens.shape[1], chunk):
+                slow = m(tokens[:, s:s + chunk], caches[0])
+                fast = step(tokens[:, s:s + chunk].clone())
+                torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+        for a, b in zip(caches[0].layers, caches[1].layers):
+            assert torch.equal(a.valid, b.valid)
+
+
 # -- rotary angles once per forward, against each layer rotating by the positions itself ------------
 
 def per_layer(block, x, positions, layer_cache=None, explicit=False, angles=None):
