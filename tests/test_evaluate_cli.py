@@ -16,7 +16,7 @@ import evaluate
 
 @pytest.fixture(scope="module")
 def tiny():
-    return tiny_model("tiny-llama", max_seq_len=4096), CharTokenizer()
+    return tiny_model("tiny-llama", max_seq_len=32768), CharTokenizer()  # the suite is sized for 8k-context models
 
 
 @pytest.fixture
