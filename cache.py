@@ -1,8 +1,9 @@
 """The explicit KV cache: a fixed budget of tokens per layer and KV head, really evicted.
 
 For each layer, each sequence of the batch and each KV head, the cache stores up to
-`budget + chunk` slots (preallocated; never more than `max_len`): key, value, the token's position in the text, its running
-score, how many rows saw it, and whether the slot holds a token. One attention call goes:
+`budget + chunk` slots (preallocated; never more than `max_len`): key, value, the token's position
+in the text, its running score, how many rows saw it, its value's L1 norm (VATP), and whether the
+slot holds a token. One attention call goes:
 
     view = layer_cache.update(k, v, positions)    # write the new tokens into free slots
     for each chunk of rows r0..r1:                # (one chunk when small: no T x S buffer)
@@ -80,6 +81,7 @@ class LayerCache:
             valid=torch.zeros(B, H, capacity, device=o.device, dtype=torch.bool),
             scores=torch.zeros(B, H, capacity, device=o.device, dtype=o.score_dtype),
             counts=torch.zeros(B, H, capacity, device=o.device, dtype=o.score_dtype),
+            value_norms=torch.zeros(B, H, capacity, device=o.device, dtype=o.score_dtype),  # ||v||_1 (VATP)
         )
         if self.capacity:  # move the held tokens over, in text order
             big = torch.iinfo(torch.long).max
@@ -116,6 +118,8 @@ class LayerCache:
         self.valid.index_put_(at, pos >= 0)
         self.scores.index_put_(at, torch.zeros((), dtype=self.scores.dtype, device=k.device))  # a score starts on entry
         self.counts.index_put_(at, torch.zeros((), dtype=self.counts.dtype, device=k.device))
+        if self.policy.value_prior:  # VATP's nu = ||v||_1, once per token (policies.apply_update)
+            self.value_norms.index_put_(at, v.to(self.value_norms.dtype).abs().sum(dim=-1))
         self.q_pos, self.slots = positions, slots
         self.update_sum = torch.zeros_like(self.scores)  # this call's sum over rows (policies.row_update)
         key_pos, query_pos = self.pos, pos
@@ -140,11 +144,26 @@ class LayerCache:
             self.update_sum += policies.row_update(self.policy, probs, self.q_pos[:, r0:r1], newest, self.owner.alpha)
             self.counts += policies.seen_counts(mask, self.q_pos[:, r0:r1]).to(self.counts.dtype)
 
+    def row_weights(self) -> torch.Tensor:
+        """(B, T) each row's weight in this call's score update, alpha^(t - q) w[q] (policies.row_weights)."""
+        return policies.row_weights(self.policy, self.q_pos, self.q_pos.amax(dim=-1), alpha=self.owner.alpha)
+
+    def observe_columns(self, sums: torch.Tensor) -> None:
+        """The fast twin of observe for a first call into an empty cache with no padding (row i of
+        the call sees keys 0..i): sums (B, Hkv, T) is the whole call's update for its T tokens,
+        the weighted column sums of the attention (kernels.column_sums; policies.row_update)."""
+        T = sums.shape[-1]
+        self.update_sum.scatter_add_(-1, self.slots, sums)
+        seen = (T - torch.arange(T, device=sums.device)).to(self.counts.dtype)  # token i is seen by rows i..T-1
+        self.counts.scatter_add_(-1, self.slots, seen.expand_as(sums))
+
     def evict(self) -> None:
         """After the call's attention: finish the score update, then evict down to the budget."""
         if self.policy.scored:
             n_rows = (self.q_pos >= 0).sum(dim=-1)
-            self.scores.copy_(policies.apply_update(self.policy, self.scores, self.update_sum, self.v, n_rows, self.owner.alpha))
+            norms = self.value_norms if self.owner.fast else None  # slow twin: from the values, every call
+            self.scores.copy_(policies.apply_update(self.policy, self.scores, self.update_sum, self.v, n_rows,
+                                                    self.owner.alpha, norms))
         if not self.owner.evicting:
             return  # nothing can be over budget yet (decided on shapes in KVCache._reserve)
         o = self.owner
@@ -170,12 +189,22 @@ def keep_top(prio, pos, valid, budget):
 
 def evict_one(prio, pos, valid, budget):
     """The decode-step fast twin of keep_top for one new token: at most one eviction per head,
-    the lowest priority, the oldest among equals. No sort. A test holds it equal to keep_top."""
+    the lowest priority, the oldest among equals. No sort. A test holds it equal to keep_top.
+
+    fp32 priorities: one argmin over the pair (priority, position) packed in one int64 key, a
+    single pass over the slots (the float's bits, negatives flipped, order as the floats do;
+    positions of kept tokens are in [0, 2^32)). Other dtypes: the minimum, then the oldest there."""
     over = valid.sum(dim=-1, keepdim=True) > budget  # (B, H, 1)
-    prio = torch.where(valid, prio, float("inf"))  # empty slots are no candidates
-    low = prio.amin(dim=-1, keepdim=True)
-    big = torch.iinfo(pos.dtype).max
-    victim = torch.where(prio == low, pos, big).argmin(dim=-1, keepdim=True)  # oldest among the lowest
+    if prio.dtype == torch.float32:
+        bits = (prio + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
+        ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # float order as integers
+        key = torch.where(valid, (ordered << 32) + pos, torch.iinfo(torch.int64).max)  # empty slots: no candidates
+        victim = key.argmin(dim=-1, keepdim=True)  # lowest priority, oldest among equals
+    else:
+        prio = torch.where(valid, prio, float("inf"))  # empty slots are no candidates
+        low = prio.amin(dim=-1, keepdim=True)
+        big = torch.iinfo(pos.dtype).max
+        victim = torch.where(prio == low, pos, big).argmin(dim=-1, keepdim=True)  # oldest among the lowest
     return valid.scatter(-1, victim, valid.gather(-1, victim) & ~over)
 
 

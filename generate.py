@@ -263,6 +263,7 @@ def run(args) -> int:
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     model, tok = load(args.model, device=device, dtype=dtype)
+    model.fuse_projections()  # one matmul for q, k, v and one for gate, up (the fast twin)
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer (tokenizer.json or tokenizer.model): add one beside it")
     use_chat = tok.has_chat_template if args.chat is None else args.chat

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 
 @dataclass(frozen=True)
 class Config:
@@ -167,7 +169,7 @@ def attention_scores(rows, k):
     return upcast_scores(rows, k)
 
 
-def attend(q, k, v, mask, need_probs: bool):
+def attend(q, k, v, mask, need_probs: bool, fused: bool = False):
     """Attention of query rows over a set of keys, per KV-head group.
 
     q (B, Hkv, G, T, D), k and v (B, Hkv, S, D), mask (B, Hkv, T, S) bool (True = may attend).
@@ -178,9 +180,13 @@ def attend(q, k, v, mask, need_probs: bool):
     need_probs: the explicit path, softmax(q k^T / sqrt(D)) (Vaswani et al. 2017, Eq. 1) in fp32
     at least, whose probabilities a scoring policy needs. Otherwise the fused
     scaled_dot_product_attention, which returns none. A test holds the two paths equal.
+    fused: for one row per sequence (the decode step) on CUDA, kernels.decode_attention returns
+    the same output and probabilities in one pass over the keys (its slow twin: the explicit path).
     """
     B, Hkv, G, T, D = q.shape
     S = k.shape[2]
+    if need_probs and fused and T == 1 and kernels.available(q):
+        return kernels.decode_attention(q, k, v, mask)
     rows = q.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D)
     if need_probs:
         scores = attention_scores(rows, k).view(B, Hkv, G, T, S) / math.sqrt(D)  # (B, Hkv, G, T, S)
@@ -199,6 +205,27 @@ def causal_attention(q, k, v):
     return out.view(B, Hkv, G, T, D)
 
 
+def fuse_linears(owner: nn.Module, name: str, *linears: nn.Linear) -> None:
+    """Fast twin of several projections of the same input: registers on `owner` the buffer `name`
+    (their weights stacked, out_features summed) and `name + "_bias"`, and makes each linear's
+    weight and bias a view into them, so nothing is stored twice and state_dict is unchanged.
+    One matmul instead of several: one launch, and in decode, which only streams the weights,
+    a larger matrix streams closer to the memory bandwidth. A test holds it equal to the slow
+    twin (the separate linears; the buffer is None until fused)."""
+    with torch.no_grad():
+        weight = torch.cat([lin.weight for lin in linears])  # (sum of out_features, in_features)
+        bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+    setattr(owner, name, weight)
+    setattr(owner, name + "_bias", bias)
+    row = 0
+    for lin in linears:
+        n = lin.out_features
+        lin.weight = nn.Parameter(weight[row:row + n], requires_grad=lin.weight.requires_grad)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[row:row + n], requires_grad=lin.bias.requires_grad)
+        row += n
+
+
 ATTN_ELEMENTS = 2**26  # attention with a cache runs in row chunks of at most this many scores (256 MB fp32)
 
 
@@ -211,14 +238,21 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, Hkv * D, bias=cfg.bias)
         self.wv = nn.Linear(cfg.dim, Hkv * D, bias=cfg.bias)
         self.wo = nn.Linear(H * D, cfg.dim, bias=cfg.bias)
+        self.register_buffer("wqkv", None, persistent=False)  # wq, wk, wv stacked (fuse_linears), or None
+        self.register_buffer("wqkv_bias", None, persistent=False)
 
     def project(self, x):
         """x (B, T, dim) -> q (B, Hkv, G, T, D), k and v (B, Hkv, T, D), before any rotation."""
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, cfg.n_kv_heads, cfg.group, cfg.head_dim).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, D)
-        k = self.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.wqkv is not None:  # fast twin: one matmul, then split (Transformer.fuse_projections)
+            sizes = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+            q, k, v = F.linear(x, self.wqkv, self.wqkv_bias).split(sizes, dim=-1)  # (B, T, H*D), 2 x (B, T, Hkv*D)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, cfg.n_kv_heads, cfg.group, cfg.head_dim).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, D)
+        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         return q, k, v
 
     def output(self, out):
@@ -256,11 +290,17 @@ class Attention(nn.Module):
         if not layer_cache.rotate_on_read:  # original positions: keys are stored rotated
             q, k = self.rope(q, positions, angles), self.rope(k, positions, angles)
         view = layer_cache.update(k, v, positions)  # what this call's rows may attend to
-        if layer_cache.owner.fresh and not (explicit or layer_cache.needs_probs):
+        fast = layer_cache.owner.fast and not explicit
+        if fast and layer_cache.owner.fresh and (not layer_cache.needs_probs
+                                                 or kernels.prefill_available(q, layer_cache.policy)):
             # fast twin: the first call into an empty cache sees exactly its own rows, causally
             if layer_cache.rotate_on_read:  # slot ranks of a fresh cache are the text positions
                 q, k = self.rope(q, positions, angles), self.rope(k, positions, angles)
-            out = causal_attention(q, k, v)
+            if layer_cache.needs_probs:  # the flash kernel's log-sum-exp, then the scores' column sums
+                out, lse = kernels.causal_attention_lse(q, k, v)
+                layer_cache.observe_columns(kernels.column_sums(q, k, lse, layer_cache.row_weights()))
+            else:
+                out = causal_attention(q, k, v)
             layer_cache.evict()
             return self.output(out)
         k_all = view.keys
@@ -272,7 +312,7 @@ class Attention(nn.Module):
         outs = []
         for r0 in range(0, T, rows):
             mask = view.mask(r0, r0 + rows)  # (B, Hkv, R, S)
-            out, probs = attend(q[:, :, :, r0:r0 + rows], k_all, view.values, mask, need_probs)
+            out, probs = attend(q[:, :, :, r0:r0 + rows], k_all, view.values, mask, need_probs, fast)
             layer_cache.observe(probs, mask, r0, r0 + rows)  # the policy's score update, chunk by chunk
             outs.append(out)
         layer_cache.evict()  # after this layer's attention, before the next layer runs
@@ -293,8 +333,13 @@ class MLP(nn.Module):
         else:
             self.fc1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)
             self.fc2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.bias)
+        self.register_buffer("w_gate_up", None, persistent=False)  # w_gate, w_up stacked (fuse_linears), or None
+        self.register_buffer("w_gate_up_bias", None, persistent=False)
 
     def forward(self, x):
+        if self.arch == "llama" and self.w_gate_up is not None:  # fast twin: one matmul for both
+            gate, up = F.linear(x, self.w_gate_up, self.w_gate_up_bias).chunk(2, dim=-1)  # 2 x (B, T, hidden)
+            return self.w_down(F.silu(gate) * up)
         if self.arch == "llama":
             return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
         return self.fc2(F.relu(self.fc1(x)))
@@ -360,6 +405,19 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.head(x)
+
+    def fuse_projections(self) -> "Transformer":
+        """Stack q, k, v (and LLaMA's gate and up) projections into one matmul each (fuse_linears):
+        the fast twin of the separate ones. Call after moving the model to its device and dtype
+        (a later .to() still works, but stores the stacked weights apart from the separate ones).
+        The separate linears are no longer called: forward hooks on them stop firing, so code that
+        hooks wq, wk, wv (the exercises do) runs on an unfused model, as load_weights.load returns."""
+        for block in self.layers:
+            if block.attn.wqkv is None:
+                fuse_linears(block.attn, "wqkv", block.attn.wq, block.attn.wk, block.attn.wv)
+            if self.cfg.arch == "llama" and block.mlp.w_gate_up is None:
+                fuse_linears(block.mlp, "w_gate_up", block.mlp.w_gate, block.mlp.w_up)
+        return self
 
     @property
     def device(self):

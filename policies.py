@@ -138,11 +138,13 @@ def row_update(policy: Policy, probs, q_pos, newest, alpha=None):
     return torch.einsum("bgrs,br->bgs", A, w)
 
 
-def apply_update(policy: Policy, scores, update, values, n_rows, alpha=None):
+def apply_update(policy: Policy, scores, update, values, n_rows, alpha=None, value_norms=None):
     """s <- alpha^(n_rows) s + nu * update (A2SF Eq. 5; VATP Eq. 4 for nu = ||v||_1).
-    scores, update (B, Hkv, S); values (B, Hkv, S, D); n_rows (B,) rows of the call."""
+    scores, update (B, Hkv, S); values (B, Hkv, S, D); n_rows (B,) rows of the call.
+    value_norms: ||v_j||_1 (B, Hkv, S) where the caller keeps them (the cache does, written once per
+    token: the fast twin of reading every value again each step); None computes them from values."""
     if policy.value_prior:
-        update = update * values.to(update.dtype).abs().sum(dim=-1)
+        update = update * (values.to(update.dtype).abs().sum(dim=-1) if value_norms is None else value_norms)
     decay = torch.pow(_alpha(policy, alpha, update.dtype, update.device), n_rows.to(update.dtype))
     return decay[:, None, None] * scores + update
 

@@ -213,13 +213,18 @@ def test_per_sequence_budgets_equal_each_sequence_alone(name, budgets, mode, see
 
 
 @FAST
-@given(seed=st.integers(0, 10_000), S=st.integers(2, 12), budget=st.integers(1, 11), ties=st.booleans())
-def test_evict_one_equals_keep_top(seed, S, budget, ties):
-    """The decode-step fast twin (one eviction, no sort) keeps exactly what the general rule keeps."""
+@given(seed=st.integers(0, 10_000), S=st.integers(2, 12), budget=st.integers(1, 11), ties=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_evict_one_equals_keep_top(seed, S, budget, ties, dtype):
+    """The decode-step fast twin (one eviction, no sort) keeps exactly what the general rule keeps:
+    fp32 through its packed (priority, position) key, other dtypes through min-then-oldest."""
     g = torch.Generator().manual_seed(seed)
-    prio = torch.rand(2, 3, S, generator=g)
+    prio = (torch.rand(2, 3, S, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)  # negatives too
     if ties:
         prio = (prio * 3).floor()  # many equal scores
+    prio[0, 0, 0] = float("inf")  # a protected token
+    if S > 3:
+        prio[1, 2, :2] = torch.tensor([0.0, -0.0], dtype=dtype)  # -0.0 and 0.0 are equal priorities
     pos = torch.stack([torch.randperm(S, generator=g) for _ in range(6)]).view(2, 3, S)
     valid = torch.rand(2, 3, S, generator=g) < 0.9
     # the fast twin's precondition: at most budget + 1 held

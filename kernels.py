@@ -1,0 +1,233 @@
+"""Triton kernels for the scored policies' fast paths on CUDA, each beside its slow twin in torch.
+
+Fused attention kernels never write the attention probabilities, and the scored policies (H2O,
+A2SF, VATP, TOVA, SnapKV) need them. The explicit path (model.attend) builds them as a (rows x
+keys) fp32 tensor and pays for it twice:
+
+- In the decode step, with one new row per sequence, the explicit path is three kernels and a
+  multi-pass softmax. `decode_attention` makes one pass over the keys, split across programs
+  (flash-decoding, Dao et al. 2023): each program computes its keys' scores, writes them, and
+  keeps the online-softmax statistics (running max m, sum l) and a partial output (Milakov &
+  Gimelshein 2018; FlashAttention, Dao et al. 2022, Alg. 1). The partials are combined in torch,
+  and the probabilities are exp(s - m) / l of the written scores: one more pass over (G, S) floats,
+  not over the keys.
+- In the prefill of a T-token prompt, the score update is, for every key j (policies.row_update),
+      u[g, j] = sum_{q >= j} w[q] sum_{h in G(g)} softmax_j(q_h . k_j / sqrt(D))       (1)
+  The explicit path holds T x T probabilities, in row chunks. `causal_attention_column_sums`
+  takes each row's log-sum-exp from the fused flash kernel (so p[q, j] = exp(s[q, j] - lse[q])),
+  then `_column_sums_kernel` recomputes the scores block by block and sums (1) down the columns.
+  No T x T buffer: memory O(T). Row blocks whose weights are all 0 are skipped (A2SF's
+  alpha^(t - q) underflows after ~60 rows; TOVA and SnapKV weigh only the last rows).
+
+The twins (`decode_attention_reference`, `column_sums_reference`) are the explicit formulas. The
+tests hold each kernel equal to its twin: on the CPU through Triton's interpreter
+(TRITON_INTERPRET=1, tests/conftest.py sets it when there is no GPU), and on CUDA with -m gpu.
+
+The kernels take keys and values contiguous per KV head, (B*Hkv, S, D), as the cache stores them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch paths need no Triton
+    triton = None
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the kernels can run on tensors like x: Triton present and x on CUDA in bf16 / fp16
+    (or any device under Triton's interpreter, which tests use)."""
+    if triton is None:
+        return False
+    if x.is_cuda:
+        return x.dtype in (torch.bfloat16, torch.float16)
+    return False
+
+
+# -- decode: one row per sequence --------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(Q, K, V, MASK, SCORES, M_PART, L_PART, ACC_PART,
+                       S, n_split, scale_log2,
+                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                       SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One program: one KV head of one sequence (its G query heads) over keys
+        [split * SPLIT, (split + 1) * SPLIT). Q (B*Hkv, G, D); K, V (B*Hkv, S, D); MASK (B*Hkv, S);
+        writes SCORES (B*Hkv, G, S) in log2 units (-inf where masked), and per split the running
+        max M_PART, sum L_PART (B*Hkv, G, n_split) and unnormalised output ACC_PART (.., n_split, D)."""
+        bkv = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        offs_g = tl.arange(0, G_PAD)  # query rows, padded to a tensor-core tile
+        offs_d = tl.arange(0, D)
+        g_ok = offs_g < G
+        q = tl.load(Q + bkv * G * D + offs_g[:, None] * D + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+        m = tl.full((G_PAD,), float("-inf"), tl.float32)
+        l = tl.zeros((G_PAD,), tl.float32)
+        acc = tl.zeros((G_PAD, D), tl.float32)
+        for i in range(0, SPLIT // BLOCK_N):
+            offs_n = split * SPLIT + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < S
+            k = tl.load(K + bkv * S * D + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            v = tl.load(V + bkv * S * D + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            keep = tl.load(MASK + bkv * S + offs_n, mask=n_ok, other=0) != 0
+            s = tl.dot(q, tl.trans(k)) * scale_log2  # (G_PAD, BLOCK_N): q . k / sqrt(D), in log2 units
+            s = tl.where(keep[None, :], s, float("-inf"))
+            tl.store(SCORES + bkv * G * S + offs_g[:, None] * S + offs_n[None, :], s, mask=g_ok[:, None] & n_ok[None, :])
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no keys yet: avoid -inf - -inf
+            p = tl.exp2(s - m_ref[:, None])  # (G_PAD, BLOCK_N)
+            rescale = tl.exp2(m - m_ref)
+            l = l * rescale + tl.sum(p, 1)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)  # (G_PAD, D)
+            m = m_new
+        part = bkv * G * n_split + offs_g * n_split + split  # (G_PAD,) index into (B*Hkv, G, n_split)
+        tl.store(M_PART + part, m, mask=g_ok)
+        tl.store(L_PART + part, l, mask=g_ok)
+        tl.store(ACC_PART + part[:, None] * D + offs_d[None, :], acc, mask=g_ok[:, None])
+
+
+def decode_split(S: int) -> int:
+    """Keys per program in decode_attention: enough programs to fill the GPU at batch 1."""
+    return 128 if S <= 4096 else 512
+
+
+def decode_attention(q, k, v, mask):
+    """The decode step's attention with its probabilities, one pass over the keys.
+
+    q (B, Hkv, G, 1, D); k, v (B, Hkv, S, D) contiguous; mask (B, Hkv, 1, S) bool (True = may
+    attend). Returns out (B, Hkv, G, 1, D) in v's dtype and probs (B, Hkv, G, 1, S) fp32: what
+    model.attend's explicit path returns. The twin: decode_attention_reference."""
+    B, Hkv, G, T, D = q.shape
+    S = k.shape[2]
+    assert T == 1, "decode_attention takes one row per sequence"
+    BLOCK_N = 64 if G <= 16 else 32
+    SPLIT = decode_split(S)
+    n_split = triton.cdiv(S, SPLIT)
+    G_PAD = max(16, triton.next_power_of_2(G))  # tl.dot needs tiles of at least 16 rows
+    f32 = torch.float32
+    scores = torch.empty(B * Hkv, G, S, device=q.device, dtype=f32)
+    m_part = torch.empty(B * Hkv, G, n_split, device=q.device, dtype=f32)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(B * Hkv, G, n_split, D, device=q.device, dtype=f32)
+    _decode_kernel[(B * Hkv, n_split)](
+        q.reshape(B * Hkv, G, D).contiguous(), k.contiguous(), v.contiguous(),
+        mask.reshape(B * Hkv, S).contiguous().view(torch.uint8), scores, m_part, l_part, acc_part,
+        S, n_split, LOG2E / math.sqrt(D), G=G, G_PAD=G_PAD, D=D, SPLIT=SPLIT, BLOCK_N=BLOCK_N)
+    # combine the splits (FlashAttention's rescaling): m = max_i m_i, l = sum_i l_i 2^(m_i - m)
+    m = m_part.amax(dim=-1, keepdim=True)  # (B*Hkv, G, 1)
+    rescale = torch.exp2(m_part - m)  # (B*Hkv, G, n_split); a split with no keys has m_i = -inf: 0
+    l = (l_part * rescale).sum(dim=-1, keepdim=True)  # (B*Hkv, G, 1)
+    out = (acc_part * rescale[..., None]).sum(dim=2) / l  # (B*Hkv, G, D)
+    probs = torch.exp2(scores - m) / l  # (B*Hkv, G, S): softmax of the scores
+    return out.to(v.dtype).view(B, Hkv, G, 1, D), probs.view(B, Hkv, G, 1, S)
+
+
+def decode_attention_reference(q, k, v, mask):
+    """The slow twin of decode_attention: softmax(q k^T / sqrt(D)) in fp32, then probs @ v in v's
+    dtype, as model.attend's explicit path. Shapes as decode_attention."""
+    B, Hkv, G, T, D = q.shape
+    scores = (q.float() @ k.float()[:, :, None].transpose(-1, -2)) / math.sqrt(D)  # (B, Hkv, G, 1, S)
+    probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=-1)
+    out = probs.to(v.dtype) @ v[:, :, None]  # (B, Hkv, G, 1, D)
+    return out, probs
+
+
+# -- prefill: column sums of a causal attention ------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _column_sums_kernel(Q, K, LSE, W, OUT, T, Hkv, scale_log2,
+                            G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One program: keys [j0, j0 + BLOCK_N) of one KV head of one sequence. Q (B*Hkv*G, T, D),
+        K (B*Hkv, T, D), LSE (B*Hkv*G, T) in log2 units, W (B, T) row weights, OUT (B*Hkv, T):
+        OUT[j] = sum_g sum_{q >= j} W[q] 2^(s[q, j] - LSE[q]), Eq. (1)."""
+        pid_n = tl.program_id(0)
+        bkv = tl.program_id(1).to(tl.int64)
+        b = bkv // Hkv
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        n_ok = offs_n < T
+        k = tl.load(K + bkv * T * D + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        start = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # rows before the first key see none of these keys
+        while start < T:  # (a while loop: Triton's interpreter takes no runtime bound in range())
+            offs_m = start + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < T
+            w = tl.load(W + b * T + offs_m, mask=m_ok, other=0.0)
+            if tl.max(tl.abs(w), 0) > 0:  # rows of weight 0 add nothing (A2SF's old rows, TOVA, SnapKV)
+                for g in range(G):
+                    bh = bkv * G + g
+                    q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+                    lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
+                    s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N)
+                    p = tl.exp2(s - lse[:, None]) * w[:, None]  # row-normalised probability x row weight
+                    seen = (offs_n[None, :] <= offs_m[:, None]) & m_ok[:, None]  # causal
+                    acc += tl.sum(tl.where(seen, p, 0.0), 0)
+            start += BLOCK_M
+        tl.store(OUT + bkv * T + offs_n, acc, mask=n_ok)
+
+
+def column_sums(q, k, lse, w):
+    """Eq. (1) for a causal call whose rows and keys are the same T tokens in order.
+    q (B, Hkv, G, T, D), k (B, Hkv, T, D), lse (B, Hkv, G, T) fp32 natural log-sum-exp of each
+    row's scaled scores, w (B, T) row weights -> (B, Hkv, T) fp32. The twin: column_sums_reference."""
+    B, Hkv, G, T, D = q.shape
+    BLOCK_M = BLOCK_N = 64
+    out = torch.empty(B * Hkv, T, device=q.device, dtype=torch.float32)
+    _column_sums_kernel[(triton.cdiv(T, BLOCK_N), B * Hkv)](
+        q.contiguous().view(B * Hkv * G, T, D), k.contiguous().view(B * Hkv, T, D),
+        (lse.float() * LOG2E).contiguous(), w.float().contiguous(), out, T, Hkv, LOG2E / math.sqrt(D),
+        G=G, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    return out.view(B, Hkv, T)
+
+
+def column_sums_reference(q, k, lse, w):
+    """The slow twin of column_sums: the T x T probabilities exp(s - lse), masked causally,
+    weighted by row and summed over the rows and the group's query heads."""
+    B, Hkv, G, T, D = q.shape
+    s = (q.float() @ k.float()[:, :, None].transpose(-1, -2)) / math.sqrt(D)  # (B, Hkv, G, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    p = torch.where(causal, torch.exp(s - lse[..., None].float()), 0.0)
+    return torch.einsum("bhgqs,bq->bhs", p, w.float())
+
+
+def causal_attention_lse(q, k, v):
+    """The fused causal attention and each row's log-sum-exp, from one flash kernel (CUDA).
+    q (B, Hkv, G, T, D), k, v (B, Hkv, T, D) -> out (B, Hkv, G, T, D), lse (B, Hkv, G, T) fp32.
+    The flash kernel wants as many key heads as query heads: the group's keys are expanded (a
+    copy of this call's keys only, freed after it)."""
+    B, Hkv, G, T, D = q.shape
+    if G > 1:
+        k, v = (x[:, :, None].expand(B, Hkv, G, T, D).reshape(B, Hkv * G, T, D) for x in (k, v))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+        q.reshape(B, Hkv * G, T, D), k, v, 0.0, True, False, scale=1 / math.sqrt(D))[:2]
+    return out.view(B, Hkv, G, T, D), lse.view(B, Hkv, G, T)
+
+
+def causal_attention_lse_reference(q, k, v):
+    """The slow twin of causal_attention_lse (any device): explicit softmax in fp32."""
+    B, Hkv, G, T, D = q.shape
+    s = (q.float() @ k.float()[:, :, None].transpose(-1, -2)) / math.sqrt(D)  # (B, Hkv, G, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    s = s.masked_fill(~causal, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.softmax(s, dim=-1).to(v.dtype) @ v[:, :, None]
+    return out, lse
+
+
+def prefill_available(q, policy) -> bool:
+    """Whether the fused prefill (flash kernel + column sums) applies: CUDA in half precision,
+    the aten flash kernel present, and a policy whose group heads combine by sum (Eq. 1 is a sum;
+    gqa='max' takes a max per row, which column sums cannot)."""
+    return (available(q) and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention")
+            and (policy.gqa == "sum" or q.shape[2] == 1) and q.shape[-1] <= 256)
