@@ -120,7 +120,7 @@ def decode_attention(q, k, v, mask):
     acc_part = torch.empty(B * Hkv, G, n_split, D, device=q.device, dtype=f32)
     _decode_kernel[(B * Hkv, n_split)](
         q.reshape(B * Hkv, G, D).contiguous(), k.contiguous(), v.contiguous(),
-        mask.reshape(B * Hkv, S).contiguous().view(torch.uint8), scores, m_part, l_part, acc_part,
+        mask.reshape(B * Hkv, S).to(torch.uint8), scores, m_part, l_part, acc_part,
         S, n_split, LOG2E / math.sqrt(D), G=G, G_PAD=G_PAD, D=D, SPLIT=SPLIT, BLOCK_N=BLOCK_N)
     # combine the splits (FlashAttention's rescaling): m = max_i m_i, l = sum_i l_i 2^(m_i - m)
     m = m_part.amax(dim=-1, keepdim=True)  # (B*Hkv, G, 1)
