@@ -57,7 +57,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(Q, K, V, MASK, SCORES, M_PART, L_PART, ACC_PART,
-                       S, n_split, scale_log2,
+                       S, n_split, scale_log2: tl.constexpr,
                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program: one KV head of one sequence (its G query heads) over keys
@@ -146,7 +146,7 @@ def decode_attention_reference(q, k, v, mask):
 if triton is not None:
 
     @triton.jit
-    def _column_sums_kernel(Q, K, LSE, W, OUT, T, Hkv, scale_log2,
+    def _column_sums_kernel(Q, K, LSE, W, OUT, T, Hkv, scale_log2: tl.constexpr,
                             G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program: keys [j0, j0 + BLOCK_N) of one KV head of one sequence. Q (B*Hkv*G, T, D),
         K (B*Hkv, T, D), LSE (B*Hkv*G, T) in log2 units, W (B, T) row weights, OUT (B*Hkv, T):

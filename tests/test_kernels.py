@@ -54,7 +54,7 @@ def test_column_sums_equal_the_explicit_probabilities_summed(seed, B, Hkv, G, T,
     k, v = (torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, DTYPE) for _ in range(2))
     _, lse = kernels.causal_attention_lse_reference(q, k, v)
     q_pos = torch.arange(T, device=DEVICE).expand(B, T)
-    w = policies.row_weights(policies.make_policy(policy_name, max(T // 2, 2) if policy_name != "a2sf" else 4),
+    w = policies.row_weights(policies.make_policy(policy_name, max(T // 2, 8) if policy_name != "a2sf" else 4),
                              q_pos, q_pos.amax(-1))
     sums = kernels.column_sums(q, k, lse, w)
     ref = kernels.column_sums_reference(q, k, lse, w)
