@@ -142,7 +142,8 @@ class LayerCache:
         if self.policy.scored:
             newest = self.q_pos.amax(dim=-1)
             self.update_sum += policies.row_update(self.policy, probs, self.q_pos[:, r0:r1], newest, self.owner.alpha)
-            self.counts += policies.seen_counts(mask, self.q_pos[:, r0:r1]).to(self.counts.dtype)
+            if self.policy.mean:  # only H2O-mean divides by how many rows saw a token
+                self.counts += policies.seen_counts(mask, self.q_pos[:, r0:r1]).to(self.counts.dtype)
 
     def row_weights(self) -> torch.Tensor:
         """(B, T) each row's weight in this call's score update, alpha^(t - q) w[q] (policies.row_weights)."""
@@ -154,8 +155,9 @@ class LayerCache:
         the weighted column sums of the attention (kernels.column_sums; policies.row_update)."""
         T = sums.shape[-1]
         self.update_sum.scatter_add_(-1, self.slots, sums)
-        seen = (T - torch.arange(T, device=sums.device)).to(self.counts.dtype)  # token i is seen by rows i..T-1
-        self.counts.scatter_add_(-1, self.slots, seen.expand_as(sums))
+        if self.policy.mean:
+            seen = (T - torch.arange(T, device=sums.device)).to(self.counts.dtype)  # token i is seen by rows i..T-1
+            self.counts.scatter_add_(-1, self.slots, seen.expand_as(sums))
 
     def evict(self) -> None:
         """After the call's attention: finish the score update, then evict down to the budget."""
@@ -205,7 +207,8 @@ def evict_one(prio, pos, valid, budget):
         low = prio.amin(dim=-1, keepdim=True)
         big = torch.iinfo(pos.dtype).max
         victim = torch.where(prio == low, pos, big).argmin(dim=-1, keepdim=True)  # oldest among the lowest
-    return valid.scatter(-1, victim, valid.gather(-1, victim) & ~over)
+    slot = torch.arange(valid.shape[-1], device=valid.device)
+    return valid & ~((slot == victim) & over)  # elementwise, not a scatter: fuses with what follows
 
 
 class KVCache:

@@ -95,9 +95,11 @@ if triton is not None:
         tl.store(ACC_PART + part[:, None] * D + offs_d[None, :], acc, mask=g_ok[:, None])
 
 
-def decode_split(S: int) -> int:
-    """Keys per program in decode_attention: enough programs to fill the GPU at batch 1."""
-    return 128 if S <= 4096 else 512
+def decode_split(S: int, heads: int) -> int:
+    """Keys per program in decode_attention, for S keys of `heads` = B * Hkv KV heads: about 512
+    programs (4 per SM of an H100) when the keys allow, a power of two from 64 to 1024."""
+    per_program = -(-S * heads // 512)  # ceil
+    return min(1024, max(64, triton.next_power_of_2(per_program)))
 
 
 def decode_attention(q, k, v, mask):
@@ -110,7 +112,7 @@ def decode_attention(q, k, v, mask):
     S = k.shape[2]
     assert T == 1, "decode_attention takes one row per sequence"
     BLOCK_N = 64 if G <= 16 else 32
-    SPLIT = decode_split(S)
+    SPLIT = decode_split(S, B * Hkv)
     n_split = triton.cdiv(S, SPLIT)
     G_PAD = max(16, triton.next_power_of_2(G))  # tl.dot needs tiles of at least 16 rows
     f32 = torch.float32
@@ -159,8 +161,8 @@ if triton is not None:
         n_ok = offs_n < T
         k = tl.load(K + bkv * T * D + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         acc = tl.zeros((BLOCK_N,), tl.float32)
-        start = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # rows before the first key see none of these keys
-        while start < T:  # (a while loop: Triton's interpreter takes no runtime bound in range())
+        first = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # rows before the first key see none of these keys
+        for start in range(first, T, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < T
             w = tl.load(W + b * T + offs_m, mask=m_ok, other=0.0)
@@ -173,7 +175,6 @@ if triton is not None:
                     p = tl.exp2(s - lse[:, None]) * w[:, None]  # row-normalised probability x row weight
                     seen = (offs_n[None, :] <= offs_m[:, None]) & m_ok[:, None]  # causal
                     acc += tl.sum(tl.where(seen, p, 0.0), 0)
-            start += BLOCK_M
         tl.store(OUT + bkv * T + offs_n, acc, mask=n_ok)
 
 

@@ -1,0 +1,78 @@
+"""Kernel timings on CUDA behind kernels.py's choices (not part of the test or bench runs):
+prefill attention with and without the row log-sum-exp, the column sums, and the decode kernel's
+split size against the explicit and fused decode attention. Prints a table."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+import model
+
+
+def timed(fn, *args, reps=20):
+    fn(*args)
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn(*args)
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
+
+
+def causal(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def cudnn(q, k, v):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False,
+                                                              scale=1 / math.sqrt(q.shape[-1]))
+
+
+def main():
+    dev, dt = "cuda", torch.bfloat16
+    H, D = 32, 128
+    print("| T | sdpa ms | fa2+lse ms | cudnn+lse ms | colsum h2o ms | colsum a2sf ms | lse diff fa2-cudnn |")
+    print("|---|---|---|---|---|---|---|")
+    for T in (2048, 8192, 32768):
+        q = torch.randn(1, H, 1, T, D, device=dev, dtype=dt)
+        k, v = torch.randn(1, H, T, D, device=dev, dtype=dt), torch.randn(1, H, T, D, device=dev, dtype=dt)
+        q4 = q.view(1, H, T, D)
+        reps = 20 if T < 32768 else 3
+        t_sdpa = timed(causal, q4, k, v, reps=reps)
+        t_fa2 = timed(kernels.causal_attention_lse, q, k, v, reps=reps)
+        _, lse = kernels.causal_attention_lse(q, k, v)
+        try:
+            t_cud = timed(cudnn, q4, k, v, reps=reps)
+            lse_c = cudnn(q4, k, v)[1]
+            diff = f"{tuple(lse_c.shape)} {(lse_c.reshape(lse.shape).float() - lse.float()).abs().max().item():.2e}"
+        except Exception as e:
+            t_cud, diff = float("nan"), f"{type(e).__name__}: {str(e)[:60]}"
+        w1 = torch.ones(1, T, device=dev)
+        wa = 0.2 ** (T - 1 - torch.arange(T, device=dev, dtype=torch.float32))[None]
+        t_c1 = timed(kernels.column_sums, q, k, lse, w1, reps=reps)
+        t_ca = timed(kernels.column_sums, q, k, lse, wa, reps=reps)
+        print(f"| {T} | {t_sdpa:.3f} | {t_fa2:.3f} | {t_cud:.3f} | {t_c1:.3f} | {t_ca:.3f} | {diff} |", flush=True)
+    print("\n| S | split | decode kernel ms | explicit ms | sdpa (no probs) ms |")
+    print("|---|---|---|---|---|")
+    for S, heads in ((1025, 32), (6555, 32), (257, 3)):
+        q = torch.randn(1, heads, 1, 1, D, device=dev, dtype=dt)
+        k, v = torch.randn(1, heads, S, D, device=dev, dtype=dt), torch.randn(1, heads, S, D, device=dev, dtype=dt)
+        mask = torch.ones(1, heads, 1, S, device=dev, dtype=torch.bool)
+        t_exp = timed(model.attend, q, k, v, mask, True, False, reps=50)
+        t_sdpa = timed(model.attend, q, k, v, mask, False, False, reps=50)
+        orig = kernels.decode_split
+        for split in (64, 128, 256, 512):
+            kernels.decode_split = lambda S_, h_, s=split: s
+            t = timed(kernels.decode_attention, q, k, v, mask, reps=50)
+            print(f"| {S} x {heads} | {split} | {t:.4f} | {t_exp:.4f} | {t_sdpa:.4f} |", flush=True)
+        kernels.decode_split = orig
+        t = timed(kernels.decode_attention, q, k, v, mask, reps=50)
+        print(f"| {S} x {heads} | heuristic {orig(S, heads)} | {t:.4f} | | |")
+
+
+if __name__ == "__main__":
+    main()
