@@ -92,10 +92,10 @@ def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step,
     cache = KVCache(cfg, p, budget, batch=batch, mode=mode, chunk=chunk, device=device, dtype=m.dtype,
                     max_len=context + new_tokens + 8)
     tokens = torch.randint(0, cfg.vocab_size, (batch, context), device=device)
-    with torch.no_grad():  # warm-up: the prefill's kernels (Triton's compile at first use, cuBLAS's set-up)
+    with torch.no_grad():  # warm-up: the same prefill once (Triton's compile, cuBLAS's and the allocator's set-up)
         warm = KVCache(cfg, p, budget, batch=batch, mode=mode, chunk=chunk, device=device, dtype=m.dtype,
                        max_len=context + new_tokens + 8)
-        generate.feed(m, tokens[:, :min(context, 256)], warm, last_only=True)
+        generate.feed(m, tokens, warm, last_only=True)
         del warm
     if device.type == "cuda":
         gc.collect()

@@ -6,6 +6,11 @@ export PYTHONUNBUFFERED=1
 mkdir -p $OUT/r
 quiet() { grep -v "Online softmax\|^\s*$\|warnings.warn\|UserWarning"; }
 case "$1" in
+probe)
+  timeout 150 python scripts/kernel_probe.py 2>&1 | tee $OUT/r/probe.log | grep -v Warning
+  timeout 240 python -m pytest -q -m "not slow" -x tests/test_kernels.py 2>&1 | tail -4 | tee $OUT/r/tests.log
+  timeout 150 python -m pytest -q -m gpu -x tests/test_fast.py 2>&1 | tail -4 | tee -a $OUT/r/tests.log
+  ;;
 tests)
   timeout 240 python -m pytest -q -m "not slow" -x tests/test_kernels.py 2>&1 | tail -25 | tee $OUT/r/tests.log
   timeout 120 python -m pytest -q -m gpu -x tests/test_fast.py 2>&1 | tail -15 | tee -a $OUT/r/tests.log
