@@ -296,7 +296,7 @@ class Attention(nn.Module):
             # fast twin: the first call into an empty cache sees exactly its own rows, causally
             if layer_cache.rotate_on_read:  # slot ranks of a fresh cache are the text positions
                 q, k = self.rope(q, positions, angles), self.rope(k, positions, angles)
-            if layer_cache.needs_probs:  # the flash kernel's log-sum-exp, then the scores' column sums
+            if layer_cache.needs_probs:  # the fused kernel's row log-sum-exp, then the scores' column sums
                 out, lse = kernels.causal_attention_lse(q, k, v)
                 layer_cache.observe_columns(kernels.column_sums(q, k, lse, layer_cache.row_weights()))
             else:
