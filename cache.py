@@ -13,6 +13,11 @@ slot holds a token. One attention call goes:
     layer_cache.evict()                           # finish the score update (policies.apply_update),
                                                   # evict down to `budget` (policies.priority + top-k)
 
+The first call into an empty cache with no padding (a prompt) has a fast twin, LayerCache.enter:
+its rows see exactly its own tokens, so the model attends with the fused causal kernel, and the
+cache ranks the call's tokens once and writes only the kept ones (a prompt never needs storage
+of its own length).
+
 Kept sets differ between KV heads. Slots are not kept in text order: a new token takes the
 lowest free slot, and every slot carries its own position, so positions, rotary angles and the
 causal mask all come from that one position tensor.
@@ -21,7 +26,8 @@ Modes (policies.md, "When eviction happens"):
 - streaming: calls of at most `chunk` tokens; after each call the cache evicts down to `budget`
   (chunk = 1: exact token-by-token eviction, as in the papers' masked simulations).
 - prefill: the first call (the whole prompt) is attended with no eviction, then compressed to
-  `budget`, the storage shrinks to `budget + chunk`, and later calls evict as in streaming.
+  `budget`, the storage shrinks to `budget + chunk` (or, through enter, never grows past it),
+  and later calls evict as in streaming.
 Positions:
 - original: keys are stored rotated at their text position (H2O, A2SF, VATP, TOVA).
 - slot: keys are stored before rotation and rotated at read time by their rank in the cache
@@ -71,7 +77,9 @@ class LayerCache:
         self.capacity = 0
         self._allocate(owner.capacity)
 
-    def _allocate(self, capacity: int):
+    def _allocate(self, capacity: int, move: bool = True):
+        """New storage of `capacity` slots; move=True moves the held tokens over (False: the cache
+        is empty, nothing to move)."""
         o = self.owner
         B, H, D = o.batch, o.cfg.n_kv_heads, o.cfg.head_dim
         new = dict(
@@ -83,7 +91,7 @@ class LayerCache:
             counts=torch.zeros(B, H, capacity, device=o.device, dtype=o.score_dtype),
             value_norms=torch.zeros(B, H, capacity, device=o.device, dtype=o.score_dtype),  # ||v||_1 (VATP)
         )
-        if self.capacity:  # move the held tokens over, in text order
+        if self.capacity and move:  # move the held tokens over, in text order
             big = torch.iinfo(torch.long).max
             order = torch.where(self.valid, self.pos, big).argsort(dim=-1, stable=True)[..., :capacity]
             n = order.shape[-1]
@@ -95,20 +103,28 @@ class LayerCache:
             setattr(self, name, t)
         self.capacity = capacity
 
+    def _check_batch(self, B: int) -> None:
+        if B != self.owner.batch:
+            raise ValueError(f"this cache was made for a batch of {self.owner.batch}, not {B}: make one per batch size")
+
     # -- the calls attention makes: update, observe (per chunk of rows), evict ----------------
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> View:
         """k, v (B, Hkv, T, D) of the new tokens; positions (B, T). Writes them in, returns the view."""
         B, H, T, D = k.shape
-        if B != self.owner.batch:
-            raise ValueError(f"this cache was made for a batch of {self.owner.batch}, not {B}: make one per batch size")
+        self._check_batch(B)
+        if self.capacity < self.owner.capacity:  # grow to what KVCache._reserve asked for (host-side, on sizes)
+            self._allocate(self.owner.capacity, move=not self.owner.empty)
         slot_ids = torch.arange(self.capacity, device=k.device)
-        free_rank = torch.where(self.valid, -1, self.capacity - slot_ids)  # lowest free slot ranks highest
-        if T == 1:  # the decode step: one free slot, an argmax (fuses; topk would not)
+        pos = positions[:, None, :].expand(B, H, T)  # (B, H, T)
+        if self.owner.budget is None and not self.owner.padded and self.owner.fast:
+            slots = pos  # fast twin: a full cache with no padding holds position p in slot p (the lowest free)
+        elif T == 1:  # the decode step: one free slot, an argmax (fuses; topk would not)
+            free_rank = torch.where(self.valid, -1, self.capacity - slot_ids)  # lowest free slot ranks highest
             slots = free_rank.argmax(dim=-1, keepdim=True)  # (B, H, 1)
         else:
+            free_rank = torch.where(self.valid, -1, self.capacity - slot_ids)
             slots = free_rank.topk(T, dim=-1).indices  # (B, H, T) free slots, increasing
-        pos = positions[:, None, :].expand(B, H, T)  # (B, H, T)
         # index_put_, not scatter_: torch.compile writes it in place (a scatter_ into a graph input
         # becomes a copy of the whole buffer every step: the KV cache read twice more per token)
         at = (torch.arange(B, device=k.device)[:, None, None], torch.arange(H, device=k.device)[None, :, None], slots)
@@ -116,12 +132,14 @@ class LayerCache:
         self.v.index_put_(at, v)
         self.pos.index_put_(at, pos)
         self.valid.index_put_(at, pos >= 0)
-        self.scores.index_put_(at, torch.zeros((), dtype=self.scores.dtype, device=k.device))  # a score starts on entry
-        self.counts.index_put_(at, torch.zeros((), dtype=self.counts.dtype, device=k.device))
+        if self.policy.scored:
+            self.scores.index_put_(at, torch.zeros((), dtype=self.scores.dtype, device=k.device))  # a score starts on entry
+            self.update_sum = torch.zeros_like(self.scores)  # this call's sum over rows (policies.row_update)
+        if self.policy.mean:
+            self.counts.index_put_(at, torch.zeros((), dtype=self.counts.dtype, device=k.device))
         if self.policy.value_prior:  # VATP's nu = ||v||_1, once per token (policies.apply_update)
             self.value_norms.index_put_(at, v.to(self.value_norms.dtype).abs().sum(dim=-1))
         self.q_pos, self.slots = positions, slots
-        self.update_sum = torch.zeros_like(self.scores)  # this call's sum over rows (policies.row_update)
         key_pos, query_pos = self.pos, pos
         if self.rotate_on_read:  # StreamingLLM: a key's position is its rank among the kept keys
             big = torch.iinfo(torch.long).max
@@ -145,19 +163,60 @@ class LayerCache:
             if self.policy.mean:  # only H2O-mean divides by how many rows saw a token
                 self.counts += policies.seen_counts(mask, self.q_pos[:, r0:r1]).to(self.counts.dtype)
 
-    def row_weights(self) -> torch.Tensor:
-        """(B, T) each row's weight in this call's score update, alpha^(t - q) w[q] (policies.row_weights)."""
-        return policies.row_weights(self.policy, self.q_pos, self.q_pos.amax(dim=-1), alpha=self.owner.alpha)
+    def row_weights(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T) the weight of each row of a call at positions (B, T) in its score update,
+        alpha^(t - q) w[q] (policies.row_weights), for kernels.column_sums."""
+        return policies.row_weights(self.policy, positions, positions.amax(dim=-1), alpha=self.owner.alpha)
 
-    def observe_columns(self, sums: torch.Tensor) -> None:
-        """The fast twin of observe for a first call into an empty cache with no padding (row i of
-        the call sees keys 0..i): sums (B, Hkv, T) is the whole call's update for its T tokens,
-        the weighted column sums of the attention (kernels.column_sums; policies.row_update)."""
-        T = sums.shape[-1]
-        self.update_sum.scatter_add_(-1, self.slots, sums)
-        if self.policy.mean:
-            seen = (T - torch.arange(T, device=sums.device)).to(self.counts.dtype)  # token i is seen by rows i..T-1
-            self.counts.scatter_add_(-1, self.slots, seen.expand_as(sums))
+    def enter(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, sums: torch.Tensor | None) -> None:
+        """The fast twin of update + observe + evict (and of the shrink after a prompt) for a first
+        call into an empty cache with no padding (KVCache.fresh). Row i of such a call sees keys
+        0..i, so its attention ran on k, v directly (the fused causal kernel), and its score update
+        is `sums` (B, Hkv, T), the weighted column sums of that attention (kernels.column_sums),
+        None for unscored policies. k, v (B, Hkv, T, D) as update stores them; positions (B, T).
+
+        The T tokens are ranked as evict ranks them (policies.priority, keep_top) and only the kept
+        ones are written, in text order, into slots 0.. (as the shrink leaves them): a prompt longer
+        than the storage never needs storage of T slots, and the call costs a few dozen tensor ops
+        instead of the slow path's grow, write, sort, shrink. A test holds it equal to the slow twin."""
+        o = self.owner
+        B, H, T, D = k.shape
+        self._check_batch(B)
+        pos = positions[:, None, :].expand(B, H, T)  # (B, H, T)
+        scores = counts = norms = None
+        if self.policy.scored:  # policies.apply_update on scores of 0: alpha^T * 0 + nu * sums
+            scores = sums
+            if self.policy.value_prior:  # VATP's nu = ||v||_1
+                norms = v.to(o.score_dtype).abs().sum(dim=-1)  # (B, H, T)
+                scores = sums * norms
+            if self.policy.mean:  # token i is seen by rows i..T-1
+                counts = (T - torch.arange(T, device=k.device)).to(o.score_dtype).expand(B, H, T)
+        if o.evicting:
+            everything = torch.ones(B, H, T, device=k.device, dtype=torch.bool)
+            zeros = torch.zeros(B, H, T, device=k.device, dtype=o.score_dtype)
+            prio = policies.priority(self.policy, zeros if scores is None else scores,
+                                     counts, pos, everything, positions.amax(dim=-1), self.layer,
+                                     n_sink=o.n_sinks, recent=o.recents)
+            keep = keep_top(prio, pos, everything, o.budgets)  # (B, H, T)
+        else:
+            keep = pos >= 0  # (B, H, T), all True
+        n = T
+        if T > self.capacity:
+            if o.budget is None or self.capacity < o.budget:  # all of it may be kept: grow (empty: no move)
+                self._allocate(o.capacity, move=False)
+            else:  # at most `budget` are kept: the kept ones first, in text order
+                n = self.capacity
+                idx = keep.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :n]  # (B, H, n)
+                kept = lambda t: t.gather(2, idx if t.dim() == 3 else idx[..., None].expand(B, H, n, D))
+                k, v, pos, keep = kept(k), kept(v), kept(pos), kept(keep)
+                scores, counts, norms = (None if t is None else kept(t) for t in (scores, counts, norms))
+        self.k[:, :, :n] = k
+        self.v[:, :, :n] = v
+        self.pos[:, :, :n] = pos
+        self.valid[:, :, :n] = keep
+        for name, t in (("scores", scores), ("counts", counts), ("value_norms", norms)):
+            if t is not None:
+                getattr(self, name)[:, :, :n] = t
 
     def evict(self) -> None:
         """After the call's attention: finish the score update, then evict down to the budget."""
@@ -248,7 +307,8 @@ class KVCache:
         self.score_dtype = torch.promote_types(dtype, torch.float32)  # scores in fp32 at least
         self.fast = fast
         self.padded = pad is not None and bool(torch.as_tensor(pad).any())
-        self.fresh = False  # this call is the first, into an empty cache with no padding
+        self.empty = True  # the current call is the first into the cache
+        self.fresh = False  # ... and it has no padding, and the fast twins are on (LayerCache.enter)
         self.fixed = self.budget is not None or max_len is not None  # storage never grows in decode
         if self.budget is None:
             self.capacity = max_len or chunk
@@ -286,20 +346,19 @@ class KVCache:
         """Host-side bookkeeping from shapes alone (no host sync): grow storage if the call cannot
         fit (the prompt in prefill mode, or `full` with no max_len), decide whether it evicts.
         In the decode steady state nothing here changes, so a compiled step never recompiles."""
+        self.empty = self.held == 0  # this call is the first into the cache
         if self.budget is None and self.fixed:
-            self.fresh = self.fast and self.held == 0 and not self.padded
+            self.fresh = self.fast and self.empty and not self.padded
             if not torch.compiler.is_compiling():  # eager: refuse to overrun a preallocated full cache
                 if self.held + T > self.capacity:
                     raise ValueError(f"the full cache holds max_len={self.capacity} tokens: make it larger")
                 self.held += T
             return
-        self.fresh = self.fast and self.held == 0 and not self.padded
+        self.fresh = self.fast and self.empty and not self.padded
         needed = self.held + T
-        if needed > self.capacity:
-            grown = needed if self.budget is not None else max(needed, 2 * self.capacity)
-            for layer in self.layers:
-                layer._allocate(grown)
-            self.capacity = grown
+        if needed > self.capacity:  # each layer grows when it writes (LayerCache.update): a first call
+            # into an empty cache that keeps only its budget (LayerCache.enter) never needs the room
+            self.capacity = needed if self.budget is not None else max(needed, 2 * self.capacity)
         self.evicting = self.budget is not None and needed > self.min_budget
         self.held = needed if self.budget is None else min(needed, self.budget)
 
@@ -310,7 +369,8 @@ class KVCache:
             self.prompt_done = True
             if self.budget is not None and self.capacity > self.budget + self.chunk:
                 for layer in self.layers:  # prefill, then compress: free the prompt's storage
-                    layer._allocate(self.budget + self.chunk)
+                    if layer.capacity > self.budget + self.chunk:
+                        layer._allocate(self.budget + self.chunk)
                 self.capacity = self.budget + self.chunk
 
     def reset(self, pad=None, policy=None, budget=None) -> None:

@@ -59,11 +59,12 @@ if triton is not None:
     def _decode_kernel(Q, K, V, MASK, SCORES, M_PART, L_PART, ACC_PART,
                        S, n_split, scale_log2: tl.constexpr,
                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                       SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+                       SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_SCORES: tl.constexpr):
         """One program: one KV head of one sequence (its G query heads) over keys
         [split * SPLIT, (split + 1) * SPLIT). Q (B*Hkv, G, D); K, V (B*Hkv, S, D); MASK (B*Hkv, S);
-        writes SCORES (B*Hkv, G, S) in log2 units (-inf where masked), and per split the running
-        max M_PART, sum L_PART (B*Hkv, G, n_split) and unnormalised output ACC_PART (.., n_split, D)."""
+        writes SCORES (B*Hkv, G, S) in log2 units (-inf where masked) if WRITE_SCORES, and per split
+        the running max M_PART, sum L_PART (B*Hkv, G, n_split) and unnormalised output ACC_PART
+        (.., n_split, D)."""
         bkv = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         offs_g = tl.arange(0, G_PAD)  # query rows, padded to a tensor-core tile
@@ -81,7 +82,8 @@ if triton is not None:
             keep = tl.load(MASK + bkv * S + offs_n, mask=n_ok, other=0) != 0
             s = tl.dot(q, tl.trans(k)) * scale_log2  # (G_PAD, BLOCK_N): q . k / sqrt(D), in log2 units
             s = tl.where(keep[None, :], s, float("-inf"))
-            tl.store(SCORES + bkv * G * S + offs_g[:, None] * S + offs_n[None, :], s, mask=g_ok[:, None] & n_ok[None, :])
+            if WRITE_SCORES:
+                tl.store(SCORES + bkv * G * S + offs_g[:, None] * S + offs_n[None, :], s, mask=g_ok[:, None] & n_ok[None, :])
             m_new = tl.maximum(m, tl.max(s, 1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no keys yet: avoid -inf - -inf
             p = tl.exp2(s - m_ref[:, None])  # (G_PAD, BLOCK_N)
@@ -102,12 +104,14 @@ def decode_split(S: int, heads: int) -> int:
     return min(1024, max(64, triton.next_power_of_2(per_program)))
 
 
-def decode_attention(q, k, v, mask):
+def decode_attention(q, k, v, mask, need_probs: bool = True):
     """The decode step's attention with its probabilities, one pass over the keys.
 
     q (B, Hkv, G, 1, D); k, v (B, Hkv, S, D) contiguous; mask (B, Hkv, 1, S) bool (True = may
     attend). Returns out (B, Hkv, G, 1, D) in v's dtype and probs (B, Hkv, G, 1, S) fp32: what
-    model.attend's explicit path returns. The twin: decode_attention_reference."""
+    model.attend's explicit path returns; need_probs=False: out and None (for policies that score
+    nothing: split across programs, it reads a short cache faster than the fused library kernel).
+    The twin: decode_attention_reference."""
     B, Hkv, G, T, D = q.shape
     S = k.shape[2]
     assert T == 1, "decode_attention takes one row per sequence"
@@ -116,21 +120,24 @@ def decode_attention(q, k, v, mask):
     n_split = triton.cdiv(S, SPLIT)
     G_PAD = max(16, triton.next_power_of_2(G))  # tl.dot needs tiles of at least 16 rows
     f32 = torch.float32
-    scores = torch.empty(B * Hkv, G, S, device=q.device, dtype=f32)
+    scores = torch.empty(B * Hkv, G, S if need_probs else 1, device=q.device, dtype=f32)
     m_part = torch.empty(B * Hkv, G, n_split, device=q.device, dtype=f32)
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(B * Hkv, G, n_split, D, device=q.device, dtype=f32)
     _decode_kernel[(B * Hkv, n_split)](
         q.reshape(B * Hkv, G, D).contiguous(), k.contiguous(), v.contiguous(),
         mask.reshape(B * Hkv, S).to(torch.uint8), scores, m_part, l_part, acc_part,
-        S, n_split, LOG2E / math.sqrt(D), G=G, G_PAD=G_PAD, D=D, SPLIT=SPLIT, BLOCK_N=BLOCK_N)
+        S, n_split, LOG2E / math.sqrt(D), G=G, G_PAD=G_PAD, D=D, SPLIT=SPLIT, BLOCK_N=BLOCK_N, WRITE_SCORES=need_probs)
     # combine the splits (FlashAttention's rescaling): m = max_i m_i, l = sum_i l_i 2^(m_i - m)
     m = m_part.amax(dim=-1, keepdim=True)  # (B*Hkv, G, 1)
     rescale = torch.exp2(m_part - m)  # (B*Hkv, G, n_split); a split with no keys has m_i = -inf: 0
     l = (l_part * rescale).sum(dim=-1, keepdim=True)  # (B*Hkv, G, 1)
     out = (acc_part * rescale[..., None]).sum(dim=2) / l  # (B*Hkv, G, D)
+    out = out.to(v.dtype).view(B, Hkv, G, 1, D)
+    if not need_probs:
+        return out, None
     probs = torch.exp2(scores - m) / l  # (B*Hkv, G, S): softmax of the scores
-    return out.to(v.dtype).view(B, Hkv, G, 1, D), probs.view(B, Hkv, G, 1, S)
+    return out, probs.view(B, Hkv, G, 1, S)
 
 
 def decode_attention_reference(q, k, v, mask):

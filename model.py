@@ -181,12 +181,13 @@ def attend(q, k, v, mask, need_probs: bool, fused: bool = False):
     at least, whose probabilities a scoring policy needs. Otherwise the fused
     scaled_dot_product_attention, which returns none. A test holds the two paths equal.
     fused: for one row per sequence (the decode step) on CUDA, kernels.decode_attention returns
-    the same output and probabilities in one pass over the keys (its slow twin: the explicit path).
+    the same output (and probabilities) in one pass over the keys (its slow twins: the explicit
+    path; scaled_dot_product_attention).
     """
     B, Hkv, G, T, D = q.shape
     S = k.shape[2]
-    if need_probs and fused and T == 1 and kernels.available(q):
-        return kernels.decode_attention(q, k, v, mask)
+    if fused and T == 1 and kernels.available(q):
+        return kernels.decode_attention(q, k, v, mask, need_probs)
     rows = q.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D)
     if need_probs:
         scores = attention_scores(rows, k).view(B, Hkv, G, T, S) / math.sqrt(D)  # (B, Hkv, G, T, S)
@@ -287,22 +288,23 @@ class Attention(nn.Module):
             mask = mask.expand(x.shape[0], self.cfg.n_kv_heads, *mask.shape[-2:])  # (B, Hkv, T, T)
             out, _ = attend(q, k, v, mask, need_probs=True)
             return self.output(out)
-        if not layer_cache.rotate_on_read:  # original positions: keys are stored rotated
-            q, k = self.rope(q, positions, angles), self.rope(k, positions, angles)
-        view = layer_cache.update(k, v, positions)  # what this call's rows may attend to
         fast = layer_cache.owner.fast and not explicit
         if fast and layer_cache.owner.fresh and (not layer_cache.needs_probs
                                                  or kernels.prefill_available(q, layer_cache.policy)):
             # fast twin: the first call into an empty cache sees exactly its own rows, causally
-            if layer_cache.rotate_on_read:  # slot ranks of a fresh cache are the text positions
-                q, k = self.rope(q, positions, angles), self.rope(k, positions, angles)
+            # (slot ranks of a fresh cache are the text positions, so slot mode rotates alike)
+            q, k_rot = self.rope(q, positions, angles), self.rope(k, positions, angles)
+            sums = None
             if layer_cache.needs_probs:  # the fused kernel's row log-sum-exp, then the scores' column sums
-                out, lse = kernels.causal_attention_lse(q, k, v)
-                layer_cache.observe_columns(kernels.column_sums(q, k, lse, layer_cache.row_weights()))
+                out, lse = kernels.causal_attention_lse(q, k_rot, v)
+                sums = kernels.column_sums(q, k_rot, lse, layer_cache.row_weights(positions))  # (B, Hkv, T)
             else:
-                out = causal_attention(q, k, v)
-            layer_cache.evict()
+                out = causal_attention(q, k_rot, v)
+            layer_cache.enter(k if layer_cache.rotate_on_read else k_rot, v, positions, sums)  # keys as stored
             return self.output(out)
+        if not layer_cache.rotate_on_read:  # original positions: keys are stored rotated
+            q, k = self.rope(q, positions, angles), self.rope(k, positions, angles)
+        view = layer_cache.update(k, v, positions)  # what this call's rows may attend to
         k_all = view.keys
         if layer_cache.rotate_on_read:  # slot positions (StreamingLLM 3.2): rotate at read time, per layer
             q, k_all = self.rope(q, view.query_pos), self.rope(k_all, view.key_pos)

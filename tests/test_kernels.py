@@ -44,6 +44,8 @@ def test_decode_attention_equals_the_explicit_softmax(seed, B, Hkv, G, S, D, kee
     torch.testing.assert_close(probs, ref_probs, rtol=0, atol=ATOL / 10)
     torch.testing.assert_close(out.float(), ref_out.float(), rtol=0, atol=ATOL)
     assert (probs[~mask[:, :, None].expand_as(probs)] == 0).all()
+    out_only, none = kernels.decode_attention(q, k, v, mask, need_probs=False)  # for unscored policies
+    assert none is None and torch.equal(out_only, out)
 
 
 @settings(max_examples=20, deadline=None)
@@ -87,17 +89,21 @@ def kernels_on_cpu(monkeypatch):
         monkeypatch.setattr(kernels, "causal_attention_lse", kernels.causal_attention_lse_reference)
 
 
-@pytest.mark.parametrize("policy_name", ["h2o", "a2sf", "vatp", "tova", "snapkv", "h2o_mean"])
+@pytest.mark.parametrize("policy_name", ["h2o", "a2sf", "vatp", "tova", "snapkv", "h2o_mean", "sink", "full"])
 @pytest.mark.parametrize("budget", [10, 64])
 def test_model_fast_paths_with_kernels_equal_the_explicit_path(kernels_on_cpu, policy_name, budget):
-    """A prompt (prefill mode: the fresh causal call, column sums) then decode steps (decode
-    kernel, evict_one), fast twins against the explicit path and keep_top (fast=False): same
-    logits, the same scores, and (budget 10) the same tokens kept in every layer and head. On
-    CUDA in bf16 a near-tie may break the other way, so there only budget 64 (nothing evicted)."""
-    if DEVICE == "cuda" and budget < 64:
+    """A prompt (prefill mode: the fresh causal call, column sums, LayerCache.enter) then decode
+    steps (decode kernel, evict_one, full's slot by position), fast twins against the explicit or
+    fused-library path and keep_top (fast=False): same logits, the same scores, and (budget 10)
+    the same tokens kept in every layer and head. On CUDA in bf16 a near-tie may break the other
+    way, so there only budget 64 (nothing evicted)."""
+    if DEVICE == "cuda" and budget < 64 and policy_name not in ("sink", "full"):
         pytest.skip("bf16 rounding may flip a near-tie: the eviction itself is held equal on the CPU")
+    if policy_name == "full" and budget != 64:
+        pytest.skip("full has no budget")
     m = tiny_model("tiny-llama", dtype=DTYPE).to(DEVICE).fuse_projections()
     prompt = 16
+    budget = None if policy_name == "full" else budget
     p = policies.make_policy(policy_name, budget)
     tokens = torch.randint(0, 128, (2, prompt + 12), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     caches = [KVCache(m.cfg, p, budget, batch=2, mode="prefill", device=DEVICE, dtype=DTYPE, fast=f) for f in (True, False)]
@@ -132,16 +138,16 @@ def test_fused_projections_equal_the_separate_ones(name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("policy_name", ["h2o", "a2sf", "vatp"])
+@pytest.mark.parametrize("policy_name", ["h2o", "a2sf", "vatp", "sink", "full"])
 def test_compiled_step_with_the_decode_kernel_equals_eager_on_cuda(policy_name):
     """The decode kernel inside the compiled, graph-captured step (bf16) against the eager step
     (inductor fuses the bf16 roundings differently: 2e-2 apart measured, as test_fast allows)."""
     torch._dynamo.reset()
     m = tiny_model("tiny-llama", dtype=torch.bfloat16).cuda().fuse_projections()
-    budget = 12
+    budget = None if policy_name == "full" else 12
     p = policies.make_policy(policy_name, budget)
     tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(7)).cuda()
-    caches = [KVCache(m.cfg, p, budget, batch=2, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    caches = [KVCache(m.cfg, p, budget, batch=2, device="cuda", dtype=torch.bfloat16, max_len=48) for _ in range(2)]
     with torch.no_grad():
         for c in caches:
             for i in range(24):
