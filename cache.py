@@ -165,8 +165,12 @@ class LayerCache:
 
     def row_weights(self, positions: torch.Tensor) -> torch.Tensor:
         """(B, T) the weight of each row of a call at positions (B, T) in its score update,
-        alpha^(t - q) w[q] (policies.row_weights), for kernels.column_sums."""
-        return policies.row_weights(self.policy, positions, positions.amax(dim=-1), alpha=self.owner.alpha)
+        alpha^(t - q) w[q] (policies.row_weights), for kernels.column_sums: the same for every
+        layer, so computed once per call (KVCache._reserve forgets it)."""
+        o = self.owner
+        if o.call_row_weights is None:
+            o.call_row_weights = policies.row_weights(self.policy, positions, positions.amax(dim=-1), alpha=o.alpha)
+        return o.call_row_weights
 
     def enter(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, sums: torch.Tensor | None) -> None:
         """The fast twin of update + observe + evict (and of the shrink after a prompt) for a first
@@ -175,48 +179,46 @@ class LayerCache:
         is `sums` (B, Hkv, T), the weighted column sums of that attention (kernels.column_sums),
         None for unscored policies. k, v (B, Hkv, T, D) as update stores them; positions (B, T).
 
-        The T tokens are ranked as evict ranks them (policies.priority, keep_top) and only the kept
-        ones are written, in text order, into slots 0.. (as the shrink leaves them): a prompt longer
-        than the storage never needs storage of T slots, and the call costs a few dozen tensor ops
-        instead of the slow path's grow, write, sort, shrink. A test holds it equal to the slow twin."""
+        Here the scores are finished; KVCache.flush then ranks the call's tokens as evict ranks
+        them (policies.priority, keep_top), for several layers at once, and write_prompt writes
+        only the kept ones. A test holds the whole equal to the slow twin."""
         o = self.owner
-        B, H, T, D = k.shape
-        self._check_batch(B)
-        pos = positions[:, None, :].expand(B, H, T)  # (B, H, T)
-        scores = counts = norms = None
+        self._check_batch(k.shape[0])
+        scores = norms = None
         if self.policy.scored:  # policies.apply_update on scores of 0: alpha^T * 0 + nu * sums
-            scores = sums
+            scores = sums.to(o.score_dtype)
             if self.policy.value_prior:  # VATP's nu = ||v||_1
                 norms = v.to(o.score_dtype).abs().sum(dim=-1)  # (B, H, T)
-                scores = sums * norms
-            if self.policy.mean:  # token i is seen by rows i..T-1
-                counts = (T - torch.arange(T, device=k.device)).to(o.score_dtype).expand(B, H, T)
-        if o.evicting:
-            everything = torch.ones(B, H, T, device=k.device, dtype=torch.bool)
-            zeros = torch.zeros(B, H, T, device=k.device, dtype=o.score_dtype)
-            prio = policies.priority(self.policy, zeros if scores is None else scores,
-                                     counts, pos, everything, positions.amax(dim=-1), self.layer,
-                                     n_sink=o.n_sinks, recent=o.recents)
-            keep = keep_top(prio, pos, everything, o.budgets)  # (B, H, T)
-        else:
-            keep = pos >= 0  # (B, H, T), all True
-        n = T
-        if T > self.capacity:
-            if o.budget is None or self.capacity < o.budget:  # all of it may be kept: grow (empty: no move)
-                self._allocate(o.capacity, move=False)
-            else:  # at most `budget` are kept: the kept ones first, in text order
-                n = self.capacity
-                idx = keep.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :n]  # (B, H, n)
-                kept = lambda t: t.gather(2, idx if t.dim() == 3 else idx[..., None].expand(B, H, n, D))
-                k, v, pos, keep = kept(k), kept(v), kept(pos), kept(keep)
-                scores, counts, norms = (None if t is None else kept(t) for t in (scores, counts, norms))
-        self.k[:, :, :n] = k
-        self.v[:, :, :n] = v
-        self.pos[:, :, :n] = pos
-        self.valid[:, :, :n] = keep
+                scores = scores * norms
+        o.stash(Pending(self, k, v, positions, scores, norms))
+
+    def write_prompt(self, k, v, pos, keep, scores, counts, norms, idx) -> None:
+        """Write a first call's tokens into slots 0.. in text order (as the slow path's shrink leaves
+        them). k, v (B, H, T, D); pos, keep (which are kept), scores, counts, norms (B, H, T) or None;
+        idx (B, H, >= capacity) the kept tokens first, in text order: only these are written, when
+        the storage is shorter than the call (at most `budget` are kept). A prompt never needs
+        storage of its own length."""
+        B, H, T, D = k.shape
+        o = self.owner
+        if T > self.capacity and (o.budget is None or self.capacity < o.budget):
+            self._allocate(o.capacity, move=False)  # all of it may be kept: grow (the cache is empty)
+        if T <= self.capacity:
+            self.k[:, :, :T] = k
+            self.v[:, :, :T] = v
+            self.pos[:, :, :T] = pos
+            self.valid[:, :, :T] = keep
+            for name, t in (("scores", scores), ("counts", counts), ("value_norms", norms)):
+                if t is not None:
+                    getattr(self, name)[:, :, :T] = t
+            return
+        idx = idx[..., :self.capacity]  # (B, H, C): gathered straight into the storage
+        torch.gather(k, 2, idx[..., None].expand(B, H, self.capacity, D), out=self.k)
+        torch.gather(v, 2, idx[..., None].expand(B, H, self.capacity, D), out=self.v)
+        torch.gather(pos, 2, idx, out=self.pos)
+        torch.gather(keep, 2, idx, out=self.valid)
         for name, t in (("scores", scores), ("counts", counts), ("value_norms", norms)):
             if t is not None:
-                getattr(self, name)[:, :, :n] = t
+                torch.gather(t, 2, idx, out=getattr(self, name))
 
     def evict(self) -> None:
         """After the call's attention: finish the score update, then evict down to the budget."""
@@ -270,6 +272,24 @@ def evict_one(prio, pos, valid, budget):
     return valid & ~((slot == victim) & over)  # elementwise, not a scatter: fuses with what follows
 
 
+@dataclass
+class Pending:
+    """One layer's part of a first call, waiting for KVCache.flush (LayerCache.enter)."""
+
+    layer: LayerCache
+    k: torch.Tensor  # (B, Hkv, T, D)
+    v: torch.Tensor  # (B, Hkv, T, D)
+    positions: torch.Tensor  # (B, T)
+    scores: torch.Tensor | None  # (B, Hkv, T) score_dtype; None for unscored policies
+    norms: torch.Tensor | None  # (B, Hkv, T) ||v||_1 (VATP)
+
+
+# A first call's layers wait for their ranking until their keys and values hold this many bytes
+# (or the call ends): one ranking for many layers is one set of tensor ops instead of one per layer,
+# which is what a short prompt's prefill costs on a GPU (it is bound by kernel launches).
+PENDING_BYTES = 2**28
+
+
 class KVCache:
     """One LayerCache per layer, plus the text positions of the next tokens per sequence.
 
@@ -309,6 +329,8 @@ class KVCache:
         self.padded = pad is not None and bool(torch.as_tensor(pad).any())
         self.empty = True  # the current call is the first into the cache
         self.fresh = False  # ... and it has no padding, and the fast twins are on (LayerCache.enter)
+        self.pending, self.pending_bytes = [], 0  # layers of a first call waiting for their ranking (flush)
+        self.call_row_weights = None
         self.fixed = self.budget is not None or max_len is not None  # storage never grows in decode
         if self.budget is None:
             self.capacity = max_len or chunk
@@ -347,6 +369,7 @@ class KVCache:
         fit (the prompt in prefill mode, or `full` with no max_len), decide whether it evicts.
         In the decode steady state nothing here changes, so a compiled step never recompiles."""
         self.empty = self.held == 0  # this call is the first into the cache
+        self.call_row_weights = None  # LayerCache.row_weights of this call
         if self.budget is None and self.fixed:
             self.fresh = self.fast and self.empty and not self.padded
             if not torch.compiler.is_compiling():  # eager: refuse to overrun a preallocated full cache
@@ -362,8 +385,47 @@ class KVCache:
         self.evicting = self.budget is not None and needed > self.min_budget
         self.held = needed if self.budget is None else min(needed, self.budget)
 
+    def stash(self, entry: Pending) -> None:
+        """A layer's first call waits for its ranking (LayerCache.enter); flush when enough wait."""
+        self.pending.append(entry)
+        self.pending_bytes += entry.k.nbytes + entry.v.nbytes
+        if self.pending_bytes >= PENDING_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Rank the waiting layers' tokens at once, as LayerCache.evict would one layer at a time
+        (policies.priority over (L, B, H, T), keep_top), then write each layer's kept tokens
+        (LayerCache.write_prompt). sink and window rank by position alone: one ranking serves all."""
+        group, self.pending, self.pending_bytes = self.pending, [], 0
+        if not group:
+            return
+        p, first = self.policy, group[0]
+        B, H, T, D = first.k.shape
+        positions = first.positions
+        pos = positions[:, None, :].expand(B, H, T)  # (B, H, T)
+        counts = (T - torch.arange(T, device=pos.device)).to(self.score_dtype).expand(B, H, T) if p.mean else None
+        keep = (pos >= 0)[None]  # (1, B, H, T): nothing evicted
+        idx = None
+        if self.evicting:
+            per_layer = p.scored or p.random
+            L = len(group) if per_layer else 1
+            scores = (torch.stack([e.scores for e in group]) if p.scored
+                      else torch.zeros(1, B, H, T, device=pos.device, dtype=self.score_dtype))  # (L, B, H, T)
+            layers = torch.stack([e.layer.layer for e in group[:L]]).view(L, 1, 1, 1)
+            everything = torch.ones(L, B, H, T, device=pos.device, dtype=torch.bool)
+            pos_l = pos.expand(L, B, H, T)
+            prio = policies.priority(p, scores, counts, pos_l, everything, positions.amax(dim=-1), layers,
+                                     n_sink=self.n_sinks, recent=self.recents)
+            keep = keep_top(prio, pos_l, everything, self.budgets)  # (L, B, H, T)
+            if T > min(e.layer.capacity for e in group):  # the kept tokens first, in text order
+                idx = keep.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)  # (L, B, H, T)
+        for i, e in enumerate(group):
+            j = min(i, keep.shape[0] - 1)
+            e.layer.write_prompt(e.k, e.v, pos, keep[j], e.scores, counts, e.norms, None if idx is None else idx[j])
+
     def advance(self, T: int) -> None:
         """Called by the model at the end of its forward."""
+        self.flush()
         self.next_pos += T
         if self.mode == "prefill" and not self.prompt_done:
             self.prompt_done = True
@@ -391,6 +453,7 @@ class KVCache:
         pad = torch.zeros(self.batch, dtype=torch.long) if pad is None else torch.as_tensor(pad, dtype=torch.long)
         self.next_pos.copy_(-pad)
         self.held, self.evicting, self.prompt_done = 0, False, False
+        self.pending, self.pending_bytes = [], 0
         self.padded = pad is not None and bool(torch.as_tensor(pad).any())
 
     # -- inspection (host side; not for the decode step) ---------------------------------------

@@ -176,19 +176,20 @@ def _hash01(x: torch.Tensor) -> torch.Tensor:
 
 def pool_scores(scores, key_pos, valid, kernel: int):
     """SnapKV's 1-D average pooling over neighbouring kept keys in text order (zero-padded ends).
-    scores, key_pos, valid (B, Hkv, S); slots may be in any order."""
+    scores, key_pos, valid (..., B, Hkv, S); slots may be in any order."""
     big = torch.iinfo(key_pos.dtype).max
     order = torch.where(valid, key_pos, big).argsort(dim=-1, stable=True)  # kept keys first, by position
-    s = torch.where(valid, scores, 0.0).gather(-1, order)  # (B, Hkv, S) in text order
-    B, H, S = s.shape
-    pooled = F.avg_pool1d(s.reshape(B * H, 1, S), kernel, stride=1, padding=kernel // 2).reshape(B, H, S)
+    s = torch.where(valid, scores, 0.0).gather(-1, order)  # (..., B, Hkv, S) in text order
+    pooled = F.avg_pool1d(s.reshape(-1, 1, s.shape[-1]), kernel, stride=1, padding=kernel // 2).view(s.shape)
     return torch.empty_like(pooled).scatter_(-1, order, pooled)  # back to slot order
 
 
-def priority(policy: Policy, scores, counts, key_pos, valid, newest, layer: int, n_sink=None, recent=None):
+def priority(policy: Policy, scores, counts, key_pos, valid, newest, layer, n_sink=None, recent=None):
     """What eviction ranks by, highest kept first: (B, Hkv, S) fp32.
 
-    key_pos, valid (B, Hkv, S); newest (B,) the newest row's position. Protected slots (the
+    key_pos, valid (B, Hkv, S); newest (B,) the newest row's position; layer an int or a 0-dim
+    tensor. Several layers at once: scores, key_pos, valid (L, B, Hkv, S), layer (L, 1, 1, 1)
+    (cache.KVCache.flush ranks a prompt's layers together). Protected slots (the
     n_sink first, the `recent` latest, newest included) get +inf; empty slots -inf. The caller
     breaks ties by evicting the oldest. n_sink, recent: per-sequence (B, 1, 1) tensors where the
     sequences of a batch have budgets of their own (cache.KVCache); default the policy's.
@@ -196,8 +197,7 @@ def priority(policy: Policy, scores, counts, key_pos, valid, newest, layer: int,
     n_sink = policy.n_sink if n_sink is None else n_sink
     recent = policy.recent if recent is None else recent
     if policy.random:
-        B, H, S = key_pos.shape
-        head = torch.arange(H, device=key_pos.device)[None, :, None]
+        head = torch.arange(key_pos.shape[-2], device=key_pos.device)[:, None]  # (H, 1)
         p = _hash01(key_pos * 1000003 + head * 7919 + layer * 104729 + policy.seed * 15485863)
     elif policy.scored:
         p = scores / counts.clamp(min=1.0) if policy.mean else scores
