@@ -67,10 +67,12 @@ if triton is not None:
         (.., n_split, D)."""
         bkv = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
-        offs_g = tl.arange(0, G_PAD)  # query rows, padded to a tensor-core tile
+        offs_g = tl.arange(0, G_PAD)  # query rows, padded to a tensor-core tile (G_PAD = 1 for G = 1)
         offs_d = tl.arange(0, D)
         g_ok = offs_g < G
         q = tl.load(Q + bkv * G * D + offs_g[:, None] * D + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+        if G == 1:
+            q = q.to(tl.float32)
         m = tl.full((G_PAD,), float("-inf"), tl.float32)
         l = tl.zeros((G_PAD,), tl.float32)
         acc = tl.zeros((G_PAD, D), tl.float32)
@@ -80,7 +82,10 @@ if triton is not None:
             k = tl.load(K + bkv * S * D + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0.0)
             v = tl.load(V + bkv * S * D + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0.0)
             keep = tl.load(MASK + bkv * S + offs_n, mask=n_ok, other=0) != 0
-            s = tl.dot(q, tl.trans(k)) * scale_log2  # (G_PAD, BLOCK_N): q . k / sqrt(D), in log2 units
+            if G == 1:  # one query row (multi-head attention): a product and a sum, no 16-row padded tile
+                s = tl.sum(q * k, 1)[None, :] * scale_log2  # (1, BLOCK_N)
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale_log2  # (G_PAD, BLOCK_N): q . k / sqrt(D), in log2 units
             s = tl.where(keep[None, :], s, float("-inf"))
             if WRITE_SCORES:
                 tl.store(SCORES + bkv * G * S + offs_g[:, None] * S + offs_n[None, :], s, mask=g_ok[:, None] & n_ok[None, :])
@@ -89,12 +94,37 @@ if triton is not None:
             p = tl.exp2(s - m_ref[:, None])  # (G_PAD, BLOCK_N)
             rescale = tl.exp2(m - m_ref)
             l = l * rescale + tl.sum(p, 1)
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)  # (G_PAD, D)
+            if G == 1:
+                acc = acc * rescale[:, None] + tl.sum(tl.trans(p) * v.to(tl.float32), 0)[None, :]  # (1, D)
+            else:
+                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)  # (G_PAD, D)
             m = m_new
         part = bkv * G * n_split + offs_g * n_split + split  # (G_PAD,) index into (B*Hkv, G, n_split)
         tl.store(M_PART + part, m, mask=g_ok)
         tl.store(L_PART + part, l, mask=g_ok)
         tl.store(ACC_PART + part[:, None] * D + offs_d[None, :], acc, mask=g_ok[:, None])
+
+
+    @triton.jit
+    def _combine_kernel(M_PART, L_PART, ACC_PART, OUT, M_OUT, L_OUT, n_split,
+                        D: tl.constexpr, N_PAD: tl.constexpr):
+        """One program: one query row (of B*Hkv*G). Merges its n_split partial results
+        (FlashAttention's rescaling): m = max_i m_i, l = sum_i l_i 2^(m_i - m),
+        out = sum_i acc_i 2^(m_i - m) / l; writes out (D,) in OUT's dtype, m and l."""
+        row = tl.program_id(0).to(tl.int64)
+        offs_s = tl.arange(0, N_PAD)
+        offs_d = tl.arange(0, D)
+        s_ok = offs_s < n_split
+        m_i = tl.load(M_PART + row * n_split + offs_s, mask=s_ok, other=float("-inf"))
+        l_i = tl.load(L_PART + row * n_split + offs_s, mask=s_ok, other=0.0)
+        acc = tl.load(ACC_PART + (row * n_split + offs_s[:, None]) * D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        m = tl.max(m_i, 0)
+        rescale = tl.where(s_ok, tl.exp2(m_i - m), 0.0)  # a split with no keys has m_i = -inf: 0
+        l = tl.sum(l_i * rescale, 0)
+        out = tl.sum(acc * rescale[:, None], 0) / l
+        tl.store(OUT + row * D + offs_d, out.to(OUT.dtype.element_ty))
+        tl.store(M_OUT + row, m)
+        tl.store(L_OUT + row, l)
 
 
 def decode_split(S: int, heads: int) -> int:
@@ -115,10 +145,10 @@ def decode_attention(q, k, v, mask, need_probs: bool = True):
     B, Hkv, G, T, D = q.shape
     S = k.shape[2]
     assert T == 1, "decode_attention takes one row per sequence"
-    BLOCK_N = 64 if G <= 16 else 32
     SPLIT = decode_split(S, B * Hkv)
+    BLOCK_N = min(SPLIT, 64 if G <= 16 else 32)
     n_split = triton.cdiv(S, SPLIT)
-    G_PAD = max(16, triton.next_power_of_2(G))  # tl.dot needs tiles of at least 16 rows
+    G_PAD = 1 if G == 1 else max(16, triton.next_power_of_2(G))  # tl.dot needs tiles of at least 16 rows
     f32 = torch.float32
     scores = torch.empty(B * Hkv, G, S if need_probs else 1, device=q.device, dtype=f32)
     m_part = torch.empty(B * Hkv, G, n_split, device=q.device, dtype=f32)
@@ -128,15 +158,15 @@ def decode_attention(q, k, v, mask, need_probs: bool = True):
         q.reshape(B * Hkv, G, D).contiguous(), k.contiguous(), v.contiguous(),
         mask.reshape(B * Hkv, S).to(torch.uint8), scores, m_part, l_part, acc_part,
         S, n_split, LOG2E / math.sqrt(D), G=G, G_PAD=G_PAD, D=D, SPLIT=SPLIT, BLOCK_N=BLOCK_N, WRITE_SCORES=need_probs)
-    # combine the splits (FlashAttention's rescaling): m = max_i m_i, l = sum_i l_i 2^(m_i - m)
-    m = m_part.amax(dim=-1, keepdim=True)  # (B*Hkv, G, 1)
-    rescale = torch.exp2(m_part - m)  # (B*Hkv, G, n_split); a split with no keys has m_i = -inf: 0
-    l = (l_part * rescale).sum(dim=-1, keepdim=True)  # (B*Hkv, G, 1)
-    out = (acc_part * rescale[..., None]).sum(dim=2) / l  # (B*Hkv, G, D)
-    out = out.to(v.dtype).view(B, Hkv, G, 1, D)
+    # combine the splits (FlashAttention's rescaling), one program per query row
+    out = torch.empty(B * Hkv * G, D, device=q.device, dtype=v.dtype)
+    m, l = torch.empty(B * Hkv * G, device=q.device, dtype=f32), torch.empty(B * Hkv * G, device=q.device, dtype=f32)
+    _combine_kernel[(B * Hkv * G,)](m_part, l_part, acc_part, out, m, l, n_split,
+                                    D=D, N_PAD=max(2, triton.next_power_of_2(n_split)))
+    out = out.view(B, Hkv, G, 1, D)
     if not need_probs:
         return out, None
-    probs = torch.exp2(scores - m) / l  # (B*Hkv, G, S): softmax of the scores
+    probs = torch.exp2(scores - m.view(B * Hkv, G, 1)) / l.view(B * Hkv, G, 1)  # (B*Hkv, G, S): softmax of the scores
     return out, probs.view(B, Hkv, G, 1, S)
 
 
