@@ -128,10 +128,12 @@ if triton is not None:
 
 
 def decode_split(S: int, heads: int) -> int:
-    """Keys per program in decode_attention, for S keys of `heads` = B * Hkv KV heads: about 512
-    programs (4 per SM of an H100) when the keys allow, a power of two from 64 to 1024."""
-    per_program = -(-S * heads // 512)  # ceil
-    return min(1024, max(64, triton.next_power_of_2(per_program)))
+    """Keys per program in decode_attention for S keys (of each of `heads` = B * Hkv KV heads):
+    64, the fastest measured on an H100 from 257 to 6555 keys with 3 to 32 heads (more programs
+    hide more memory latency; `python scripts/kernel_probe.py --decode`,
+    results/kernel_probe_decode_h100.log), and more past 16k keys so that the merge of the
+    splits (_combine_kernel, one program per row) handles at most 256 of them."""
+    return min(1024, max(64, triton.next_power_of_2(-(-S // 256))))
 
 
 def decode_attention(q, k, v, mask, need_probs: bool = True):
