@@ -15,8 +15,8 @@ slot holds a token. One attention call goes:
 
 The first call into an empty cache with no padding (a prompt) has a fast twin, LayerCache.enter:
 its rows see exactly its own tokens, so the model attends with the fused causal kernel, and the
-cache ranks the call's tokens once and writes only the kept ones (a prompt never needs storage
-of its own length).
+cache ranks the call's tokens (KVCache.flush, many layers at once) and writes only the kept ones
+(a prompt never needs storage of its own length).
 
 Kept sets differ between KV heads. Slots are not kept in text order: a new token takes the
 lowest free slot, and every slot carries its own position, so positions, rotary angles and the
@@ -365,8 +365,9 @@ class KVCache:
         return self.next_pos[:, None] + torch.arange(T, device=self.device)
 
     def _reserve(self, T: int) -> None:
-        """Host-side bookkeeping from shapes alone (no host sync): grow storage if the call cannot
-        fit (the prompt in prefill mode, or `full` with no max_len), decide whether it evicts.
+        """Host-side bookkeeping from shapes alone (no host sync): the storage the call needs if it
+        cannot fit (the prompt in prefill mode, or `full` with no max_len; each layer grows to it
+        when it writes), and whether it evicts.
         In the decode steady state nothing here changes, so a compiled step never recompiles."""
         self.empty = self.held == 0  # this call is the first into the cache
         self.call_row_weights = None  # LayerCache.row_weights of this call

@@ -129,7 +129,7 @@ if triton is not None:
 
 def decode_split(S: int, heads: int) -> int:
     """Keys per program in decode_attention for S keys (of each of `heads` = B * Hkv KV heads):
-    64, the fastest measured on an H100 from 257 to 6555 keys with 3 to 32 heads (more programs
+    64, the fastest (or within 2% of it) measured on an H100 from 257 to 6555 keys with 3 to 32 heads (more programs
     hide more memory latency; `python scripts/kernel_probe.py --decode`,
     results/kernel_probe_decode_h100.log), and more past 16k keys so that the merge of the
     splits (_combine_kernel, one program per row) handles at most 256 of them."""
