@@ -129,8 +129,8 @@ if triton is not None:
 
 def decode_split(S: int, heads: int) -> int:
     """Keys per program in decode_attention for S keys (of each of `heads` = B * Hkv KV heads):
-    64, the fastest (or within 2% of it) measured on an H100 from 257 to 6555 keys with 3 to 32 heads (more programs
-    hide more memory latency; `python scripts/kernel_probe.py --decode`,
+    64, the fastest (or within 2% of it) measured on an H100 from 257 to 6555 keys with 3 to 32
+    heads (more programs hide more memory latency; `python scripts/kernel_probe.py --decode`,
     results/kernel_probe_decode_h100.log), and more past 16k keys so that the merge of the
     splits (_combine_kernel, one program per row) handles at most 256 of them."""
     return min(1024, max(64, triton.next_power_of_2(-(-S // 256))))
