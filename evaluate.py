@@ -728,8 +728,9 @@ def plot_file(paths, metric: str = "acc", out: Path | None = None) -> Path:
     if len(kinds) > 1:
         raise ValueError(f"cannot plot results of kinds {', '.join(sorted(kinds))} in one figure: give one kind")
     kind = kinds.pop()
-    fig = PLOTS[kind](plt, [row for r in records for row in r["results"]], metric)
-    title = f"{records[0]['model']}; paper: {PAPERS[kind]}" if PAPERS[kind] else records[0]["model"]
+    plot = PLOTS[kind] if kind in PLOTS else more_commands()[kind].plot
+    fig = plot(plt, [row for r in records for row in r["results"]], metric)
+    title = f"{records[0]['model']}; paper: {PAPERS[kind]}" if PAPERS.get(kind) else records[0]["model"]
     fig.suptitle("\n".join(textwrap.wrap(title, int(12 * fig.get_figwidth()))), fontsize=8)
     fig.tight_layout()
     out = out or paths[0].with_suffix(".png")
@@ -742,6 +743,14 @@ def plot_file(paths, metric: str = "acc", out: Path | None = None) -> Path:
 
 def _list(kind):
     return lambda s: [kind(x) for x in s.split(",") if x]
+
+
+def more_commands() -> dict:
+    """Subcommands that live in files of their own (they import this one): kind -> module with
+    add_command(add) and plot(plt, rows, metric)."""
+    import keepmap
+
+    return {"keep-map": keepmap}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -794,6 +803,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--lengths", type=_list(int), default=[512, 1024, 2048, 4096])
     s.add_argument("--depths", type=_list(float), default=[0.0, 0.25, 0.5, 0.75, 1.0])
     s.add_argument("--new-tokens", type=int, default=8)
+    for module in more_commands().values():  # keep-map, ruler, lm-eval: subcommands in files of their own
+        module.add_command(add)
     s = sub.add_parser("plot", help="PNGs from results files")
     s.add_argument("files", nargs="+")
     s.add_argument("--metric", default="acc", choices=["acc", "acc_norm"])
