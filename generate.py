@@ -15,7 +15,7 @@ import time
 import torch
 
 from cache import POSITION_SCHEMES, KVCache
-from policies import POLICY_NAMES, make_policy
+from policies import REGISTRY, make_policy
 
 DEFAULT_PROMPT = (
     "Read the story and answer the question.\n\n"
@@ -75,75 +75,28 @@ def feed(model, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -
     return outs[-1] if last_only else torch.cat(outs, dim=1)
 
 
-def compile_decode(model, cache: KVCache, backend: str = "inductor", warmup: int = 2):
-    """The fast path (gpt-fast style): the decode step, score update and eviction included, with
-    each transformer block compiled by torch.compile (one compiled Block.forward serves every
-    layer: same graph, other weights and cache tensors, so it compiles in seconds) and, on CUDA,
-    the whole step captured as one CUDA graph. The cache's state is updated in place, so the
-    graph replays on the same memory every step. Its slow twin is `model(tokens, cache)`; a test
-    holds the two equal."""
-    from model import Block
-
-    # every policy family and cache shape is one more compiled entry of Block.forward (evaluate.py
-    # runs dozens in one process); past the default limit of 8, dynamo would fall back to eager
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-    block_fn = torch.compile(Block.forward, backend=backend, fullgraph=True)
-    step = lambda tokens: model(tokens, cache, block_fn=block_fn)
-    return CudaGraphStep(step, warmup) if cache.device.type == "cuda" else step
-
-
-def graph_decode(model, cache: KVCache, warmup: int = 2):
-    """The eager step, `model(tokens, cache)`, captured as one CUDA graph on CUDA (no torch.compile,
-    so nothing to compile: a graph per cache costs a few eager steps). Replaying the step's few
-    thousand small kernels from a graph removes Python and launch overhead, the eager step's cost
-    at evaluation sizes. Works for any fixed call shape. Its slow twin is the eager step; a GPU
-    test holds the two equal."""
-    step = lambda tokens: model(tokens, cache)
-    return CudaGraphStep(step, warmup) if cache.device.type == "cuda" else step
-
-
-class CudaGraphStep:
-    """Runs `step` for the first `warmup` calls (real decode steps: they compile it), then
-    captures one call as a CUDA graph and replays it from then on. The step must keep its state
-    in place and never sync with the host; its Python side runs once, at capture."""
-
-    def __init__(self, step, warmup: int = 2):
-        self.step, self.warmup, self.graph = step, warmup, None
-
-    def __call__(self, tokens):
-        if self.graph is None and self.warmup > 0:
-            self.warmup -= 1
-            return self.step(tokens)
-        if self.graph is None:
-            self.tokens = tokens.clone()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self.step(self.tokens)  # recorded, not run: the replay below runs it
-        self.tokens.copy_(tokens)
-        self.graph.replay()
-        return self.logits
-
-
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, cache: KVCache, max_new_tokens: int, *, temperature=0.0,
-             top_k=0, top_p=1.0, seed=0, eos_id=None, on_token=None, compile=False):
-    """prompt (B, T) -> new tokens (B, N) and timings {prefill_s, decode_s}.
-    compile=True decodes with compile_decode (the prompt still runs eagerly)."""
+             top_k=0, top_p=1.0, seed=0, eos_id=None, on_token=None, step=None):
+    """prompt (B, T) -> new tokens (B, N) and timings {prefill_s, decode_s}. Stops after an
+    `eos_id` (batch 1; the EOS itself is not returned or passed to on_token). step(tokens (B, 1))
+    -> logits runs each decode step (default the eager `model(tokens, cache)`; fast.compile_decode
+    gives a compiled one)."""
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     t0 = time.perf_counter()
     logits = feed(model, prompt, cache, last_only=True)[:, -1]
     sync()
     t1 = time.perf_counter()
-    step = compile_decode(model, cache) if compile else (lambda tokens: model(tokens, cache))
+    step = step or (lambda tokens: model(tokens, cache))
     out = []
     for _ in range(max_new_tokens):
         nxt = sample(logits, temperature, top_k, top_p, gen)  # (B,)
+        if eos_id is not None and prompt.shape[0] == 1 and int(nxt[0]) == eos_id:
+            break
         out.append(nxt)
         if on_token is not None:
             on_token(nxt)
-        if eos_id is not None and prompt.shape[0] == 1 and int(nxt[0]) == eos_id:
-            break
         if len(out) == max_new_tokens:
             break
         logits = step(nxt[:, None])[:, -1]
@@ -166,8 +119,17 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+EXAMPLES = """examples:
+  python generate.py --policy a2sf                    # SmolLM2-135M, the built-in story and question
+  python generate.py --policy h2o --ratio 0.2 --prompt "Tell me about lighthouses."
+  python generate.py --policy sink --budget 64 --mode streaming --positions slot
+  python generate.py --model path/to/model.gguf --policy vatp --budget 256
+  python generate.py --policy a2sf --reference        # the plain reference path (no fast/ twins)"""
+
+
 def parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -176,17 +138,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--model", default=None, help="a .gguf, a Hugging Face or a Meta directory (default: SmolLM2-135M)")
+    p.add_argument("--model", default=None,
+                   help="a .gguf file, a Hugging Face directory (config.json + safetensors or .bin) or a Meta directory"
+                        " (params.json + consolidated.*.pth); the tokenizer comes from the same file or directory"
+                        " (default: SmolLM2-135M-Instruct, fetched by load_weights.py --fetch)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the model's chat template (default: when it has one)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graph on a GPU)")
+    p.add_argument("--reference", action="store_true",
+                   help="run the plain reference path (model.py, cache.py) without the fast/ twins")
     add_policy_args(p)
     return p
 
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     """The eviction flags, shared with evaluate.py."""
-    p.add_argument("--policy", default="a2sf", help=f"one of {', '.join(POLICY_NAMES)}")
+    p.add_argument("--policy", default="a2sf", help=f"one of {', '.join(REGISTRY)}")
     p.add_argument("--budget", type=int, default=None, help="tokens kept per layer and KV head")
     p.add_argument("--ratio", type=float, default=None, help="budget as a ratio of the prompt length (default 0.5)")
     p.add_argument("--alpha", type=float, default=None, help="forgetting factor (a2sf; default 0.2)")
@@ -198,15 +165,23 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gqa", default="sum", help="sum or max over the query heads of a group")
 
 
-def cache_from_args(args, cfg, prompt_len: int, *, batch=1, device="cpu", dtype=torch.float32, max_len=None, pad=None):
-    """The KVCache the flags describe (budget from --budget, or --ratio of prompt_len)."""
-    if args.policy not in POLICY_NAMES:
-        raise ValueError(f"unknown policy {args.policy!r}: choose one of {', '.join(POLICY_NAMES)}")
+def check_policy_args(args) -> None:
+    """The eviction flags that can be refused before any model loads, in one line each."""
+    if args.policy not in REGISTRY:
+        raise ValueError(f"unknown policy {args.policy!r}: choose one of {', '.join(REGISTRY)}")
     if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha {args.alpha} is outside [0, 1]: use a forgetting factor between 0 and 1")
+    resolve_budget(args.budget, args.ratio, 1)
+
+
+def cache_from_args(args, cfg, prompt_len: int, *, batch=1, device="cpu", dtype=torch.float32, max_len=None, pad=None,
+                    cache_class=KVCache):
+    """The cache the flags describe (budget from --budget, or --ratio of prompt_len); cache_class
+    cache.KVCache or fast.KVCache."""
+    check_policy_args(args)
     budget = None if args.policy == "full" else resolve_budget(args.budget, args.ratio, prompt_len)
     policy = make_policy(args.policy, budget, alpha=args.alpha, n_sink=args.n_sink, recent=args.recent, gqa=args.gqa)
-    return KVCache(cfg, policy, budget, batch=batch, mode=args.mode, chunk=args.chunk, positions=args.positions,
+    return cache_class(cfg, policy, budget, batch=batch, mode=args.mode, chunk=args.chunk, positions=args.positions,
                    device=device, dtype=dtype, max_len=max_len, pad=pad)
 
 
@@ -252,8 +227,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from load_weights import load
 
-    if args.policy not in POLICY_NAMES:  # checked before the (slow) load
-        raise ValueError(f"unknown policy {args.policy!r}: choose one of {', '.join(POLICY_NAMES)}")
+    check_policy_args(args)  # before the (slow) load
     if args.max_new_tokens < 0:
         raise ValueError("--max-new-tokens must be >= 0")
     if not math.isfinite(args.temperature) or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
@@ -263,7 +237,6 @@ def run(args) -> int:
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     model, tok = load(args.model, device=device, dtype=dtype)
-    model.fuse_projections()  # one matmul for q, k, v and one for gate, up (the fast twin)
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer (tokenizer.json or tokenizer.model): add one beside it")
     use_chat = tok.has_chat_template if args.chat is None else args.chat
@@ -275,9 +248,19 @@ def run(args) -> int:
     if T + args.max_new_tokens > ctx and (args.positions == "original" or args.policy == "full"):
         raise ValueError(f"prompt ({T}) + --max-new-tokens ({args.max_new_tokens}) exceed the context of {ctx}:"
                          " lower --max-new-tokens, or use --positions slot with a budget (a full cache cannot pass it)")
-    cache = cache_from_args(args, model.cfg, T, device=device, dtype=dtype, max_len=T + args.max_new_tokens)
-    budget = cache.budget
+    cache_class, step = KVCache, None
+    if not args.reference:  # the speed twins (fast/): the same tokens, kept and generated
+        import fast
 
+        model, cache_class = fast.enable(model), fast.KVCache
+    cache = cache_from_args(args, model.cfg, T, device=device, dtype=dtype, max_len=T + args.max_new_tokens,
+                            cache_class=cache_class)
+    if args.compile:
+        if args.reference:
+            raise ValueError("--compile compiles the fast path: drop --reference")
+        step = fast.compile_decode(model, cache)
+
+    print(f"--- prompt ({T} tokens{', chat template' if use_chat else ''}) ---\n{args.prompt}\n--- {args.policy} ---")
     printed, new_ids = "", []
 
     def on_token(nxt):  # stream: decode everything so far, print what is new
@@ -291,15 +274,16 @@ def run(args) -> int:
     prompt = torch.tensor([ids], device=device)
     eos = tok.eos_id if use_chat else None
     new, t = generate(model, prompt, cache, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, seed=args.seed, eos_id=eos, on_token=on_token, compile=args.compile)
+                      top_p=args.top_p, seed=args.seed, eos_id=eos, on_token=on_token, step=step)
     print(tok.decode(new_ids)[len(printed):])
     n = new.shape[1]
+    fed = T + max(n - 1, 0)  # the last new token is sampled, never fed back through the cache
     cfg = model.cfg
-    full_bytes = cfg.n_layers * cfg.n_kv_heads * (T + n) * cfg.head_dim * 2 * torch.finfo(dtype).bits // 8
+    full_bytes = cfg.n_layers * cfg.n_kv_heads * fed * cfg.head_dim * 2 * torch.finfo(dtype).bits // 8
     kept = int(cache.tokens_held().max())
     print(f"[{args.policy}] prefill {T} tok {T / t['prefill_s']:.1f} tok/s | decode {n} tok "
-          f"{n / max(t['decode_s'], 1e-9):.1f} tok/s | kept {kept} of {T + n} tokens per KV head "
-          f"(budget {budget if budget is not None else 'all'}) | KV bytes held {cache.nbytes():,}"
+          f"{n / max(t['decode_s'], 1e-9):.1f} tok/s | kept {kept} of {fed} tokens per KV head "
+          f"(budget {cache.budget if cache.budget is not None else 'all'}) | KV bytes held {cache.nbytes():,}"
           f" vs full {full_bytes:,} ({100 * cache.nbytes() / full_bytes:.0f}%)")
     return 0
 

@@ -6,9 +6,14 @@ attention, MLP), the block and the transformer. The forward pass is
     model(tokens, cache=None) -> logits          tokens (B, T) long, logits (B, T, vocab)
 
 With no cache, every row attends causally to the rows before it (positions 0..T-1). With a
-cache (cache.py), positions come from the cache, and each layer's attention asks its layer of
-the cache for the keys, values, key positions and mask to use, then hands the cache the
-attention probabilities of the rows it just computed (when the cache's policy scores tokens).
+cache (cache.py), positions come from the cache, and each layer's attention (Attention.forward)
+goes: project, rotate, `call = cache.update(k, v)` (the new tokens enter), attend over what the
+call may see, `cache.observe(call, probs)` (the policy's score update, when it scores tokens),
+`cache.evict(call)`, output.
+
+This file is the reference: plain torch, read in one sitting. Its speed twins (fused projections,
+Triton kernels, the prompt's fast ranking, compiled and graph-captured steps) live in fast/ and
+are switched on with fast.enable(model); tests hold them equal to this file.
 
 References: LLaMA (Touvron et al. 2023, arXiv 2302.13971), rotary embeddings (Su et al. 2021,
 arXiv 2104.09864), grouped-query attention (Ainslie et al. 2023, arXiv 2305.13245), OPT
@@ -23,8 +28,6 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import kernels
 
 
 @dataclass(frozen=True)
@@ -130,46 +133,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding of x (B, H, T, D) by positions (B, T) or (B, H, T), angles computed here.
-    The slow twin of the angles Transformer.forward computes once for every layer (a test holds
-    the two equal); slot positions (rotated at read time by per-layer ranks) always come here."""
+    """Rotary embedding of x (B, H, T, D) by positions (B, T) or (B, H, T), angles computed here."""
     return apply_rotary(x, *rotary_angles(positions, x.shape[-1], theta))
 
 
-BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")  # torch.bmm(a, b, out_dtype=...): torch >= 2.8, CUDA kernels only
-
-
-def upcast_scores(rows, k):
-    """q k^T with both upcast first: rows (B, Hkv, R, D), k (B, Hkv, S, D) -> (B, Hkv, R, S) in
-    fp32 or wider. The slow twin of half_scores, and the path everywhere it does not apply."""
-    ct = torch.promote_types(rows.dtype, torch.float32)
-    return rows.to(ct) @ k.to(ct).transpose(-1, -2)  # (B, Hkv, R, S)
-
-
-def half_scores(rows, k):
-    """q k^T as one bf16 / fp16 batched matmul that accumulates in and writes fp32 (CUDA only).
-    rows (B, Hkv, R, D), k (B, Hkv, S, D) -> (B, Hkv, R, S) fp32."""
-    B, Hkv, R, D = rows.shape
-    S = k.shape[2]
-    kt = k.reshape(B * Hkv, S, D).transpose(1, 2)  # (B*Hkv, D, S): a view of contiguous keys (the cache's), no copy
-    return torch.bmm(rows.reshape(B * Hkv, R, D), kt, out_dtype=torch.float32).view(B, Hkv, R, S)
-
-
-def attention_scores(rows, k):
-    """q k^T in fp32 at least (the policies score in fp32): rows (B, Hkv, R, D), k (B, Hkv, S, D).
-
-    bf16 / fp16 on CUDA: half_scores, a tensor-core matmul with fp32 accumulation and output. It
-    loses nothing against upcasting first: the inputs are already half precision, and the product
-    of two of them is exact in fp32, so only the order of the fp32 additions differs. Upcasting
-    first (upcast_scores) copies q and k to fp32 and runs an fp32 matmul, several times slower.
-    Elsewhere (the CPU, fp32 models, a torch without bmm's out_dtype): upcast_scores.
-    """
-    if BMM_OUT_DTYPE and rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16) and k.dtype == rows.dtype:
-        return half_scores(rows, k)
-    return upcast_scores(rows, k)
-
-
-def attend(q, k, v, mask, need_probs: bool, fused: bool = False):
+def attend(q, k, v, mask, need_probs: bool):
     """Attention of query rows over a set of keys, per KV-head group.
 
     q (B, Hkv, G, T, D), k and v (B, Hkv, S, D), mask (B, Hkv, T, S) bool (True = may attend).
@@ -180,17 +148,13 @@ def attend(q, k, v, mask, need_probs: bool, fused: bool = False):
     need_probs: the explicit path, softmax(q k^T / sqrt(D)) (Vaswani et al. 2017, Eq. 1) in fp32
     at least, whose probabilities a scoring policy needs. Otherwise the fused
     scaled_dot_product_attention, which returns none. A test holds the two paths equal.
-    fused: for one row per sequence (the decode step) on CUDA, kernels.decode_attention returns
-    the same output (and probabilities) in one pass over the keys (its slow twins: the explicit
-    path; scaled_dot_product_attention).
     """
     B, Hkv, G, T, D = q.shape
     S = k.shape[2]
-    if fused and T == 1 and kernels.available(q):
-        return kernels.decode_attention(q, k, v, mask, need_probs)
     rows = q.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D)
     if need_probs:
-        scores = attention_scores(rows, k).view(B, Hkv, G, T, S) / math.sqrt(D)  # (B, Hkv, G, T, S)
+        ct = torch.promote_types(q.dtype, torch.float32)  # the policies score in fp32 at least
+        scores = (rows.to(ct) @ k.to(ct).transpose(-1, -2)).view(B, Hkv, G, T, S) / math.sqrt(D)  # (B, Hkv, G, T, S)
         probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=-1)
         out = probs.to(v.dtype).view(B, Hkv, G * T, S) @ v  # (B, Hkv, G*T, D)
         return out.view(B, Hkv, G, T, D), probs
@@ -206,27 +170,6 @@ def causal_attention(q, k, v):
     return out.view(B, Hkv, G, T, D)
 
 
-def fuse_linears(owner: nn.Module, name: str, *linears: nn.Linear) -> None:
-    """Fast twin of several projections of the same input: registers on `owner` the buffer `name`
-    (their weights stacked, out_features summed) and `name + "_bias"`, and makes each linear's
-    weight and bias a view into them, so nothing is stored twice and state_dict is unchanged.
-    One matmul instead of several: one launch, and in decode, which only streams the weights,
-    a larger matrix streams closer to the memory bandwidth. A test holds it equal to the slow
-    twin (the separate linears; the buffer is None until fused)."""
-    with torch.no_grad():
-        weight = torch.cat([lin.weight for lin in linears])  # (sum of out_features, in_features)
-        bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
-    setattr(owner, name, weight)
-    setattr(owner, name + "_bias", bias)
-    row = 0
-    for lin in linears:
-        n = lin.out_features
-        lin.weight = nn.Parameter(weight[row:row + n], requires_grad=lin.weight.requires_grad)
-        if bias is not None:
-            lin.bias = nn.Parameter(bias[row:row + n], requires_grad=lin.bias.requires_grad)
-        row += n
-
-
 ATTN_ELEMENTS = 2**26  # attention with a cache runs in row chunks of at most this many scores (256 MB fp32)
 
 
@@ -239,18 +182,15 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, Hkv * D, bias=cfg.bias)
         self.wv = nn.Linear(cfg.dim, Hkv * D, bias=cfg.bias)
         self.wo = nn.Linear(H * D, cfg.dim, bias=cfg.bias)
-        self.register_buffer("wqkv", None, persistent=False)  # wq, wk, wv stacked (fuse_linears), or None
-        self.register_buffer("wqkv_bias", None, persistent=False)
 
     def project(self, x):
         """x (B, T, dim) -> q (B, Hkv, G, T, D), k and v (B, Hkv, T, D), before any rotation."""
+        return self.heads(self.wq(x), self.wk(x), self.wv(x))
+
+    def heads(self, q, k, v):
+        """q (B, T, H*D), k and v (B, T, Hkv*D) -> q (B, Hkv, G, T, D), k and v (B, Hkv, T, D)."""
         cfg = self.cfg
-        B, T, _ = x.shape
-        if self.wqkv is not None:  # fast twin: one matmul, then split (Transformer.fuse_projections)
-            sizes = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
-            q, k, v = F.linear(x, self.wqkv, self.wqkv_bias).split(sizes, dim=-1)  # (B, T, H*D), 2 x (B, T, Hkv*D)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        B, T, _ = q.shape
         q = q.view(B, T, cfg.n_kv_heads, cfg.group, cfg.head_dim).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, D)
         k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -261,65 +201,41 @@ class Attention(nn.Module):
         B, Hkv, G, T, D = out.shape
         return self.wo(out.permute(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D))  # (B, T, H*D) -> (B, T, dim)
 
-    def rope(self, x, positions, angles=None):
-        """Rotate x (B, Hkv, [G,] T, D) by positions (B, T) or per KV head (B, Hkv, T).
-        angles: (cos, sin) (B, 1, T, D) of positions (B, T), computed once per forward for every
-        layer (Transformer.forward); None computes them here from positions (the slow twin)."""
-        if not self.cfg.rotary:
+    def rope(self, x, angles):
+        """x (B, Hkv, [G,] T, D) turned by angles = (cos, sin) (B, Hkv|1, T, D) (rotary_angles);
+        None (OPT: its positions are learned and added to the embeddings) leaves x as it is."""
+        if angles is None:
             return x
-        if angles is not None:  # the same angles for every head: broadcast over the heads (and the group)
-            cos, sin = angles if x.dim() == 4 else (a[:, :, None] for a in angles)  # (B, 1, [1,] T, D)
-            return apply_rotary(x, cos, sin)
-        if x.dim() == 5:  # queries: fold the group into the head axis
-            B, Hkv, G, T, D = x.shape
-            pos = positions if positions.dim() == 2 else positions[:, :, None].expand(B, Hkv, G, T).reshape(B, Hkv * G, T)
-            return rotate(x.reshape(B, Hkv * G, T, D), pos, self.cfg.rope_theta).view(B, Hkv, G, T, D)
-        return rotate(x, positions, self.cfg.rope_theta)
+        cos, sin = angles if x.dim() == 4 else (a[:, :, None] for a in angles)  # queries: the same for the group
+        return apply_rotary(x, cos, sin)
 
-    def forward(self, x, positions, layer_cache=None, explicit: bool = False, angles=None):
-        """x (B, T, dim), positions (B, T) text positions of the rows. -> (B, T, dim).
-        angles: rotary_angles(positions) when the caller computed them once for all layers, or None."""
-        q, k, v = self.project(x)
-        if layer_cache is None:  # plain causal attention over this call's rows
-            q, k = self.rope(q, positions, angles), self.rope(k, positions, angles)
-            if not explicit:
-                return self.output(causal_attention(q, k, v))
-            mask = (positions[:, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, T)
-            mask = mask.expand(x.shape[0], self.cfg.n_kv_heads, *mask.shape[-2:])  # (B, Hkv, T, T)
-            out, _ = attend(q, k, v, mask, need_probs=True)
-            return self.output(out)
-        fast = layer_cache.owner.fast and not explicit
-        if fast and layer_cache.owner.fresh and (not layer_cache.needs_probs
-                                                 or kernels.prefill_available(q, layer_cache.policy)):
-            # fast twin: the first call into an empty cache sees exactly its own rows, causally
-            # (slot ranks of a fresh cache are the text positions, so slot mode rotates alike)
-            q, k_rot = self.rope(q, positions, angles), self.rope(k, positions, angles)
-            sums = None
-            if layer_cache.needs_probs:  # the fused kernel's row log-sum-exp, then the scores' column sums
-                out, lse = kernels.causal_attention_lse(q, k_rot, v)
-                sums = kernels.column_sums(q, k_rot, lse, layer_cache.row_weights(positions))  # (B, Hkv, T)
-            else:
-                out = causal_attention(q, k_rot, v)
-            layer_cache.enter(k if layer_cache.rotate_on_read else k_rot, v, positions, sums)  # keys as stored
-            return self.output(out)
+    def attend(self, q, k, v, mask, need_probs: bool):
+        return attend(q, k, v, mask, need_probs)
+
+    def forward(self, x, positions, angles, layer_cache=None):
+        """x (B, T, dim); positions (B, T) the rows' text positions; angles their rotary (cos, sin)
+        or None (OPT). -> (B, T, dim)."""
+        q, k, v = self.project(x)  # q (B, Hkv, G, T, D), k and v (B, Hkv, T, D)
+        if layer_cache is None:  # no cache: plain causal attention over this call's rows
+            return self.output(causal_attention(self.rope(q, angles), self.rope(k, angles), v))
         if not layer_cache.rotate_on_read:  # original positions: keys are stored rotated
-            q, k = self.rope(q, positions, angles), self.rope(k, positions, angles)
-        view = layer_cache.update(k, v, positions)  # what this call's rows may attend to
-        k_all = view.keys
-        if layer_cache.rotate_on_read:  # slot positions (StreamingLLM 3.2): rotate at read time, per layer
-            q, k_all = self.rope(q, view.query_pos), self.rope(k_all, view.key_pos)
-        need_probs = explicit or layer_cache.needs_probs
+            q, k = self.rope(q, angles), self.rope(k, angles)
+        call = layer_cache.update(k, v, positions)  # the new tokens enter; what the rows may attend to
+        keys = call.keys  # (B, Hkv, S, D)
+        if layer_cache.rotate_on_read:  # slot positions (StreamingLLM 3.2): rotate by rank in the cache, at read time
+            theta, D = self.cfg.rope_theta, self.cfg.head_dim
+            q = self.rope(q, rotary_angles(call.query_pos, D, theta))
+            keys = self.rope(keys, rotary_angles(call.key_pos, D, theta))
         B, Hkv, G, T, D = q.shape
-        rows = max(1, min(T, ATTN_ELEMENTS // (B * Hkv * G * k_all.shape[2])))  # rows per chunk: no T x S buffer
+        rows = max(1, min(T, ATTN_ELEMENTS // (B * Hkv * G * keys.shape[2])))  # rows per chunk: no T x S buffer
         outs = []
         for r0 in range(0, T, rows):
-            mask = view.mask(r0, r0 + rows)  # (B, Hkv, R, S)
-            out, probs = attend(q[:, :, :, r0:r0 + rows], k_all, view.values, mask, need_probs, fast)
-            layer_cache.observe(probs, mask, r0, r0 + rows)  # the policy's score update, chunk by chunk
+            mask = call.mask(r0, r0 + rows)  # (B, Hkv, R, S)
+            out, probs = self.attend(q[:, :, :, r0:r0 + rows], keys, call.values, mask, layer_cache.needs_probs)
+            layer_cache.observe(call, probs, mask, r0, r0 + rows)  # the policy's sum over these rows
             outs.append(out)
-        layer_cache.evict()  # after this layer's attention, before the next layer runs
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)  # (B, Hkv, G, T, D)
-        return self.output(out)
+        layer_cache.evict(call)  # after this layer's attention, before the next layer runs
+        return self.output(torch.cat(outs, dim=3))  # (B, Hkv, G, T, D) -> (B, T, dim)
 
 
 class MLP(nn.Module):
@@ -335,13 +251,8 @@ class MLP(nn.Module):
         else:
             self.fc1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)
             self.fc2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.bias)
-        self.register_buffer("w_gate_up", None, persistent=False)  # w_gate, w_up stacked (fuse_linears), or None
-        self.register_buffer("w_gate_up_bias", None, persistent=False)
 
     def forward(self, x):
-        if self.arch == "llama" and self.w_gate_up is not None:  # fast twin: one matmul for both
-            gate, up = F.linear(x, self.w_gate_up, self.w_gate_up_bias).chunk(2, dim=-1)  # 2 x (B, T, hidden)
-            return self.w_down(F.silu(gate) * up)
         if self.arch == "llama":
             return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
         return self.fc2(F.relu(self.fc1(x)))
@@ -357,8 +268,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, layer_cache=None, explicit=False, angles=None):
-        x = x + self.attn(self.attn_norm(x), positions, layer_cache, explicit, angles)
+    def forward(self, x, positions, angles, layer_cache=None):
+        x = x + self.attn(self.attn_norm(x), positions, angles, layer_cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -385,41 +296,27 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(positions.clamp(min=0) + OPT_POSITION_OFFSET)
         return x
 
+    def angles(self, positions):
+        """The rotary (cos, sin) (B, 1, T, D) of positions (B, T), once for every layer; None for OPT."""
+        return rotary_angles(positions, self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.rotary else None
+
     def head(self, x):
         """x (B, T, dim) -> logits (B, T, vocab)."""
         return self.lm_head(self.norm(x))
 
-    def forward(self, tokens: torch.Tensor, cache=None, explicit: bool = False, block_fn=None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab). explicit=True forces the softmax attention path.
-        block_fn(block, x, positions, layer_cache, explicit, angles) runs each block (default:
-        Block.forward); generate.compile_decode passes one compiled Block.forward that every layer
-        shares. angles: the rotary cos and sin of positions, computed here once for every layer."""
-        block_fn = block_fn or Block.forward
+    def forward(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab). With a cache, each layer's attention goes through
+        its layer of the cache (cache.py), and the positions come from the cache."""
         B, T = tokens.shape
         if cache is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)  # (B, T)
         else:
             positions = cache.positions(T)  # (B, T): each row's position in its text
-        x = self.embed(tokens, positions)
-        angles = rotary_angles(positions, self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.rotary else None  # (B, 1, T, D)
+        x = self.embed(tokens, positions)  # (B, T, dim)
+        angles = self.angles(positions)
         for i, block in enumerate(self.layers):
-            x = block_fn(block, x, positions, None if cache is None else cache.layers[i], explicit, angles)
-        if cache is not None:
-            cache.advance(T)
+            x = block(x, positions, angles, None if cache is None else cache.layers[i])
         return self.head(x)
-
-    def fuse_projections(self) -> "Transformer":
-        """Stack q, k, v (and LLaMA's gate and up) projections into one matmul each (fuse_linears):
-        the fast twin of the separate ones. Call after moving the model to its device and dtype
-        (a later .to() still works, but stores the stacked weights apart from the separate ones).
-        The separate linears are no longer called: forward hooks on them stop firing, so code that
-        hooks wq, wk, wv (the exercises do) runs on an unfused model, as load_weights.load returns."""
-        for block in self.layers:
-            if block.attn.wqkv is None:
-                fuse_linears(block.attn, "wqkv", block.attn.wq, block.attn.wk, block.attn.wv)
-            if self.cfg.arch == "llama" and block.mlp.w_gate_up is None:
-                fuse_linears(block.mlp, "w_gate_up", block.mlp.w_gate, block.mlp.w_up)
-        return self
 
     @property
     def device(self):

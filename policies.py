@@ -1,15 +1,16 @@
 """KV-cache scoring policies: which tokens a layer's KV head keeps when it must drop some.
 
-Every policy is one instance of a single form (../shared/docs/policies.md). After each attention
-call, with the rows q it just computed (t = the newest row), each kept token j of KV head g gets
+Every built-in attention-based policy is one instance of a single form (../shared/docs/policies.md).
+After each attention call, with the rows q it just computed (t = the newest row), each kept token j
+of KV head g gets
 
     s[g, j]  <-  alpha^(n_rows) * s[g, j]  +  nu[g, j] * sum_q alpha^(t - q) * w[q] * sum_{h in G(g)} A[h, q, j]
 
 and the cache keeps the n_sink first tokens, the `recent` latest ones, and fills the rest of the
-budget with the highest scores (ties: the oldest token goes first).
+budget with the highest priority (ties: the oldest token goes first).
 
     policy     w[q]                          alpha       nu[g, j]     paper
-    h2o        1                             1           1            Zhang et al. 2023, Eq. in Sec. 4.2 (heavy hitters)
+    h2o        1                             1           1            Zhang et al. 2023, Sec. 4.2 (heavy hitters)
     h2o_mean   1                             1           1, / rows    kvpress ObservedAttentionPress
     a2sf       1                             0.2         1            Jo & Shin 2024, Eq. 5
     vatp       1                             1           ||v_j||_1    Guo et al. 2024, Eq. 4
@@ -18,12 +19,21 @@ budget with the highest scores (ties: the oldest token goes first).
                rows of a call
     window, sink, full, random: no scores (positions or a seeded hash decide).
 
-Everything here is a pure function of tensors: no layers, no files, no host syncs.
+A policy of your own is either new parameters of that form, or a per-token score computed from
+what the cache stores: `Policy(score_fn=f)`, f(keys, values, positions) -> (..., S), higher kept
+(the key norm of exercise 07 is `lambda k, v, p: -k.norm(dim=-1)`); add it to REGISTRY and every
+path (the cache, its fast twins, the masked simulation) ranks by it, because they all call
+`priority` below.
+
+The per-token state a policy needs is declared by `token_state` (its running score, H2O-mean's
+row counts, VATP's ||v||_1): the cache stores whatever it returns, slot by slot, and knows none of
+them by name. Everything here is a pure function of tensors: no layers, no files, no host syncs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +54,11 @@ class Policy:
     random: bool = False  # random: a seeded hash of (position, layer, head) is the score
     seed: int = 0
     gqa: str = "sum"  # how the query heads of a group combine: "sum" or "max"
+    score_fn: Callable | None = None  # a custom per-token score (keys, values, positions) -> (..., S)
 
 
-# name -> (description, defaults as a function of the budget). The budget only sets the split.
-_DEFAULTS = {
+# name -> (description, fields as a function of the budget). The budget only sets the split.
+REGISTRY: dict[str, tuple[str, Callable[[int], dict]]] = {
     "full": ("keep everything (the reference)", lambda b: dict(scored=False, keep_all=True)),
     "window": ("the `budget` latest tokens (\"local\")", lambda b: dict(scored=False, recent=b)),
     "sink": ("StreamingLLM: 4 sinks + the latest", lambda b: dict(scored=False, n_sink=4, recent=b - 4)),
@@ -59,7 +70,7 @@ _DEFAULTS = {
     "snapkv": ("SnapKV: last-32-row vote, pooled", lambda b: dict(obs_window=32, pool=5, recent=min(32, b // 2))),
     "random": ("a seeded random subset (a floor)", lambda b: dict(scored=False, random=True)),
 }
-POLICY_NAMES = tuple(_DEFAULTS)
+POLICY_NAMES = tuple(REGISTRY)  # the built-in policies (REGISTRY may grow: exercise 07)
 
 
 def make_policy(name: str, budget: int | None, **overrides) -> Policy:
@@ -68,11 +79,11 @@ def make_policy(name: str, budget: int | None, **overrides) -> Policy:
     Overrides left as None keep the default. For `sink` and `window`, a changed n_sink moves the
     rest of the budget to the recent window, so the whole budget stays protected.
     """
-    if name not in _DEFAULTS:
-        raise ValueError(f"unknown policy {name!r}: choose one of {', '.join(POLICY_NAMES)}")
+    if name not in REGISTRY:
+        raise ValueError(f"unknown policy {name!r}: choose one of {', '.join(REGISTRY)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     b = budget if budget is not None else 0
-    fields = dict(_DEFAULTS[name][1](b))
+    fields = dict(REGISTRY[name][1](b))
     if name in ("sink", "window") and "n_sink" in overrides and "recent" not in overrides:
         overrides["recent"] = b - overrides["n_sink"]
     fields.update(overrides)
@@ -101,6 +112,22 @@ def check(policy: Policy, budget: int | None) -> None:
             " raise --budget or lower --n-sink / --recent")
 
 
+# -- the per-token state and its update after each attention call ---------------------------------
+
+def token_state(policy: Policy, k: torch.Tensor, v: torch.Tensor, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """The state the policy keeps per token, as it starts when tokens enter the cache.
+    k, v (..., T, D) -> {name: (..., T)} in dtype (fp32 at least). A score starts at 0 when its
+    token enters (its own row's attention to itself is the first thing it adds)."""
+    state = {}
+    if policy.scored:
+        state["score"] = torch.zeros(v.shape[:-1], dtype=dtype, device=v.device)
+    if policy.mean:  # H2O-mean: how many rows have seen the token
+        state["count"] = torch.zeros(v.shape[:-1], dtype=dtype, device=v.device)
+    if policy.value_prior:  # VATP's nu = ||v||_1, once per token (values never change)
+        state["nu"] = v.to(dtype).abs().sum(dim=-1)
+    return state
+
+
 def aggregate_heads(probs: torch.Tensor, how: str) -> torch.Tensor:
     """probs (B, Hkv, G, T, S) -> (B, Hkv, T, S) in fp32: the query heads of each KV head's group,
     summed (A2SF authors' later code) or their max (KVCache-Factory's option)."""
@@ -117,13 +144,12 @@ def _alpha(policy: Policy, alpha, dtype, device) -> torch.Tensor:
 def row_weights(policy: Policy, q_pos: torch.Tensor, newest: torch.Tensor, dtype=torch.float32, alpha=None) -> torch.Tensor:
     """q_pos (B, R) text positions of rows (< 0: padding), newest (B,) the call's newest row t
     -> (B, R) weights w[q] * alpha^(t - q). 0^0 = 1, so alpha = 0 keeps the newest row only."""
-    row_valid = q_pos >= 0
     t = newest[:, None]  # (B, 1)
-    age = (t - q_pos).clamp(min=0).to(dtype)  # (B, T)
+    age = (t - q_pos).clamp(min=0).to(dtype)  # (B, R)
     w = torch.pow(_alpha(policy, alpha, dtype, q_pos.device), age)
     if policy.obs_window:  # SnapKV: only the last obs_window rows of the call vote
         w = w * (q_pos > t - policy.obs_window)
-    return w * row_valid
+    return w * (q_pos >= 0)
 
 
 def row_update(policy: Policy, probs, q_pos, newest, alpha=None):
@@ -138,32 +164,45 @@ def row_update(policy: Policy, probs, q_pos, newest, alpha=None):
     return torch.einsum("bgrs,br->bgs", A, w)
 
 
-def apply_update(policy: Policy, scores, update, values, n_rows, alpha=None, value_norms=None):
-    """s <- alpha^(n_rows) s + nu * update (A2SF Eq. 5; VATP Eq. 4 for nu = ||v||_1).
-    scores, update (B, Hkv, S); values (B, Hkv, S, D); n_rows (B,) rows of the call.
-    value_norms: ||v_j||_1 (B, Hkv, S) where the caller keeps them (the cache does, written once per
-    token: the fast twin of reading every value again each step); None computes them from values."""
-    if policy.value_prior:
-        update = update * (values.to(update.dtype).abs().sum(dim=-1) if value_norms is None else value_norms)
-    decay = torch.pow(_alpha(policy, alpha, update.dtype, update.device), n_rows.to(update.dtype))
-    return decay[:, None, None] * scores + update
-
-
-def accumulate(policy: Policy, scores, counts, probs, mask, q_pos, values):
-    """The shared form, one whole call at once (what the masked simulation uses).
-
-    scores, counts (B, Hkv, S); probs (B, Hkv, G, T, S) attention of this call's rows;
-    mask (B, Hkv, T, S) which keys each row saw; q_pos (B, T); values (B, Hkv, S, D).
-    Returns (scores, counts): counts = number of rows that saw each key (for H2O-mean).
-    """
-    update = row_update(policy, probs, q_pos, q_pos.amax(dim=-1))
-    scores = apply_update(policy, scores, update, values, (q_pos >= 0).sum(dim=-1))
-    return scores, counts + seen_counts(mask, q_pos).to(counts.dtype)
-
-
 def seen_counts(mask, q_pos):
     """mask (B, Hkv, R, S), q_pos (B, R) -> (B, Hkv, S): how many real rows saw each key."""
     return (mask & (q_pos >= 0)[:, None, :, None]).sum(dim=2)
+
+
+def apply_update(policy: Policy, state: dict, update, n_rows, seen=None, alpha=None) -> dict:
+    """The state after a call: s <- alpha^(n_rows) s + nu * update (A2SF Eq. 5; VATP Eq. 4 for
+    nu = ||v||_1), and H2O-mean's count + seen. state {name: (B, Hkv, S)}; update (B, Hkv, S)
+    (row_update summed over the call's rows); n_rows (B,) real rows of the call; seen (B, Hkv, S)
+    seen_counts of the call (H2O-mean). Returns a new dict (the cache copies it into its slots)."""
+    new = dict(state)
+    if "nu" in state:
+        update = update * state["nu"]
+    decay = torch.pow(_alpha(policy, alpha, update.dtype, update.device), n_rows.to(update.dtype))  # (B,)
+    new["score"] = decay[:, None, None] * state["score"] + update
+    if "count" in state:
+        new["count"] = state["count"] + seen.to(state["count"].dtype)
+    return new
+
+
+def accumulate(policy: Policy, state: dict, probs, mask, q_pos, alpha=None) -> dict:
+    """The shared form for one whole call at once (what the masked simulation uses).
+    state {name: (B, Hkv, S)}; probs (B, Hkv, G, T, S) attention of this call's rows; mask
+    (B, Hkv, T, S) which keys each row saw; q_pos (B, T). Returns the new state."""
+    update = row_update(policy, probs, q_pos, q_pos.amax(dim=-1), alpha)
+    return apply_update(policy, state, update, (q_pos >= 0).sum(dim=-1), seen_counts(mask, q_pos), alpha)
+
+
+# -- the one ranking every path evicts by --------------------------------------------------------
+
+class Tokens(NamedTuple):
+    """What a cache holds, as a policy sees it. Shapes (..., S) with any leading axes (B, Hkv), or
+    (L, B, Hkv) for several layers at once; keys and values (..., S, D)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    pos: torch.Tensor  # text position of each slot's token
+    valid: torch.Tensor  # whether the slot holds a token
+    state: dict  # {name: (..., S)} as token_state declares it
 
 
 def _hash01(x: torch.Tensor) -> torch.Tensor:
@@ -176,35 +215,44 @@ def _hash01(x: torch.Tensor) -> torch.Tensor:
 
 def pool_scores(scores, key_pos, valid, kernel: int):
     """SnapKV's 1-D average pooling over neighbouring kept keys in text order (zero-padded ends).
-    scores, key_pos, valid (..., B, Hkv, S); slots may be in any order."""
+    scores, key_pos, valid (..., S); slots may be in any order."""
     big = torch.iinfo(key_pos.dtype).max
     order = torch.where(valid, key_pos, big).argsort(dim=-1, stable=True)  # kept keys first, by position
-    s = torch.where(valid, scores, 0.0).gather(-1, order)  # (..., B, Hkv, S) in text order
+    s = torch.where(valid, scores, 0.0).gather(-1, order)  # (..., S) in text order
     pooled = F.avg_pool1d(s.reshape(-1, 1, s.shape[-1]), kernel, stride=1, padding=kernel // 2).view(s.shape)
     return torch.empty_like(pooled).scatter_(-1, order, pooled)  # back to slot order
 
 
-def priority(policy: Policy, scores, counts, key_pos, valid, newest, layer, n_sink=None, recent=None):
-    """What eviction ranks by, highest kept first: (B, Hkv, S) fp32.
+def token_score(policy: Policy, tokens: Tokens, layer) -> torch.Tensor:
+    """The policy's score of each held token (..., S) fp32, before protection: higher is kept."""
+    if policy.score_fn is not None:  # a policy of your own (exercise 07)
+        return policy.score_fn(tokens.keys, tokens.values, tokens.pos).float()
+    if policy.random:
+        head = torch.arange(tokens.pos.shape[-2], device=tokens.pos.device)[:, None]  # (Hkv, 1)
+        return _hash01(tokens.pos * 1000003 + head * 7919 + layer * 104729 + policy.seed * 15485863)
+    if not policy.scored:  # window, sink, full: positions alone decide
+        return torch.zeros(tokens.pos.shape, device=tokens.pos.device)
+    p = tokens.state["score"]
+    if policy.mean:  # H2O-mean: the mean attention over the rows that saw the token
+        p = p / tokens.state["count"].clamp(min=1.0)
+    if policy.pool > 1:
+        p = pool_scores(p, tokens.pos, tokens.valid, policy.pool)
+    return p
 
-    key_pos, valid (B, Hkv, S); newest (B,) the newest row's position; layer an int or a 0-dim
-    tensor. Several layers at once: scores, key_pos, valid (L, B, Hkv, S), layer (L, 1, 1, 1)
-    (cache.KVCache.flush ranks a prompt's layers together). Protected slots (the
-    n_sink first, the `recent` latest, newest included) get +inf; empty slots -inf. The caller
-    breaks ties by evicting the oldest. n_sink, recent: per-sequence (B, 1, 1) tensors where the
-    sequences of a batch have budgets of their own (cache.KVCache); default the policy's.
+
+def priority(policy: Policy, tokens: Tokens, newest, layer, n_sink=None, recent=None) -> torch.Tensor:
+    """What eviction ranks by, highest kept first: (..., B, Hkv, S) fp32. The one hook every path
+    calls (the cache, its fast twins, the masked simulation).
+
+    newest (B,) the newest row's position; layer an int or a tensor that broadcasts against the
+    leading axes (random's hash). Protected slots (the n_sink first, the `recent` latest, newest
+    included) get +inf; empty slots -inf. The caller breaks ties by evicting the oldest. n_sink,
+    recent: per-sequence (B, 1, 1) tensors where the sequences of a batch have budgets of their own
+    (cache.KVCache); default the policy's.
     """
     n_sink = policy.n_sink if n_sink is None else n_sink
     recent = policy.recent if recent is None else recent
-    if policy.random:
-        head = torch.arange(key_pos.shape[-2], device=key_pos.device)[:, None]  # (H, 1)
-        p = _hash01(key_pos * 1000003 + head * 7919 + layer * 104729 + policy.seed * 15485863)
-    elif policy.scored:
-        p = scores / counts.clamp(min=1.0) if policy.mean else scores
-        if policy.pool > 1:
-            p = pool_scores(p, key_pos, valid, policy.pool)
-    else:
-        p = torch.zeros_like(scores)
-    protected = (key_pos < n_sink) | (key_pos > newest[:, None, None] - recent)
+    p = token_score(policy, tokens, layer)
+    protected = (tokens.pos < n_sink) | (tokens.pos > newest[:, None, None] - recent)
     p = torch.where(protected, float("inf"), p)
-    return torch.where(valid, p, float("-inf"))
+    return torch.where(tokens.valid, p, float("-inf"))

@@ -7,8 +7,9 @@ then one row at a time, in prefill mode); after each call the scores are updated
 policy's own function and the lowest-priority tokens leave the kept set, one sorted Python list
 per sequence and KV head, as plainly as the papers describe it.
 
-It shares the policy functions (policies.accumulate, policies.priority) with cache.py and
-nothing else: no storage, no slots, no top-k. A test holds the two to the same logits.
+It shares the policy's functions (policies.token_state, accumulate, priority: the one hook every
+path ranks by) with cache.py and nothing else: no storage, no slots, no top-k. A test holds the
+two to the same logits; tests/test_policies.py holds the policy functions to closed forms.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import math
 import torch
 
 import policies
-from policies import Policy
+from model import rotary_angles
+from policies import Policy, Tokens
 
 
 def call_bounds(T: int, mode: str, chunk: int, prompt_len: int | None) -> list[tuple[int, int]]:
@@ -38,18 +40,18 @@ def masked_simulation(model, tokens: torch.Tensor, policy: Policy, budget: int |
     B, T = tokens.shape
     pos = torch.arange(T, device=tokens.device)
     text_pos = pos.expand(B, T)  # (B, T)
+    key_pos = text_pos[:, None, :].expand(B, cfg.n_kv_heads, T)  # (B, Hkv, T)
     calls = call_bounds(T, mode, chunk, prompt_len)
     x = model.embed(tokens, text_pos)
+    score_dtype = torch.promote_types(x.dtype, torch.float32)
     masks = []
     for layer, block in enumerate(model.layers):
         attn = block.attn
         q, k, v = attn.project(block.attn_norm(x))  # q (B, Hkv, G, T, D), k and v (B, Hkv, T, D)
         if positions == "original":
-            q, k = attn.rope(q, text_pos), attn.rope(k, text_pos)
+            q, k = attn.rope(q, model.angles(text_pos)), attn.rope(k, model.angles(text_pos))
         kept = torch.zeros(B, cfg.n_kv_heads, T, dtype=torch.bool, device=x.device)  # in the cache now
-        score_dtype = torch.promote_types(x.dtype, torch.float32)
-        scores = torch.zeros(B, cfg.n_kv_heads, T, dtype=score_dtype, device=x.device)
-        counts = torch.zeros_like(scores)
+        state = policies.token_state(policy, k, v, score_dtype)  # every token's, from the start
         seen = torch.zeros(B, cfg.n_kv_heads, T, T, dtype=torch.bool, device=x.device)
         out = torch.zeros_like(q)
         for s, e in calls:
@@ -58,17 +60,17 @@ def masked_simulation(model, tokens: torch.Tensor, policy: Policy, budget: int |
             qc, kc = q[..., s:e, :], k
             if positions == "slot":  # StreamingLLM: rank inside the cache is the position
                 rank = kept.long().cumsum(-1) - 1  # (B, Hkv, T)
-                qc, kc = attn.rope(qc, rank[..., s:e]), attn.rope(k, rank)
+                qc = attn.rope(qc, rotary_angles(rank[..., s:e], cfg.head_dim, cfg.rope_theta))
+                kc = attn.rope(k, rotary_angles(rank, cfg.head_dim, cfg.rope_theta))
             logits = qc.to(score_dtype) @ kc.to(score_dtype)[:, :, None].transpose(-1, -2) / math.sqrt(cfg.head_dim)
             probs = logits.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)  # (B, Hkv, G, e-s, T)
             out[..., s:e, :] = probs.to(v.dtype) @ v[:, :, None]
             seen[:, :, s:e] = mask
             if policy.scored:
-                scores, counts = policies.accumulate(policy, scores, counts, probs, mask, text_pos[:, s:e], v)
+                state = policies.accumulate(policy, state, probs, mask, text_pos[:, s:e])
             if budget is not None and not policy.keep_all:
                 newest = torch.full((B,), e - 1, device=x.device)
-                prio = policies.priority(policy, scores, counts, text_pos[:, None, :].expand_as(kept), kept,
-                                         newest, layer)
+                prio = policies.priority(policy, Tokens(k, v, key_pos, kept, state), newest, layer)
                 kept = _evict_plainly(kept, prio, budget)
         x = x + attn.output(out)
         x = x + block.mlp(block.mlp_norm(x))

@@ -8,20 +8,22 @@ keys) fp32 tensor and pays for it twice:
   multi-pass softmax. `decode_attention` makes one pass over the keys, split across programs
   (flash-decoding, Dao et al. 2023): each program computes its keys' scores, writes them, and
   keeps the online-softmax statistics (running max m, sum l) and a partial output (Milakov &
-  Gimelshein 2018; FlashAttention, Dao et al. 2022, Alg. 1). The partials are combined in torch,
-  and the probabilities are exp(s - m) / l of the written scores: one more pass over (G, S) floats,
-  not over the keys.
+  Gimelshein 2018; FlashAttention, Dao et al. 2022, Alg. 1). `_combine_kernel` merges the
+  splits (one program per query row), and the probabilities are exp(s - m) / l of the written
+  scores: one more pass over (G, S) floats, not over the keys.
 - In the prefill of a T-token prompt, the score update is, for every key j (policies.row_update),
       u[g, j] = sum_{q >= j} w[q] sum_{h in G(g)} softmax_j(q_h . k_j / sqrt(D))       (1)
-  The explicit path holds T x T probabilities, in row chunks. `causal_attention_column_sums`
-  takes each row's log-sum-exp from the fused flash kernel (so p[q, j] = exp(s[q, j] - lse[q])),
-  then `_column_sums_kernel` recomputes the scores block by block and sums (1) down the columns.
-  No T x T buffer: memory O(T). Row blocks whose weights are all 0 are skipped (A2SF's
+  The explicit path holds T x T probabilities, in row chunks. `causal_attention_lse` takes each
+  row's log-sum-exp from a fused causal kernel (so p[q, j] = exp(s[q, j] - lse[q])), then
+  `column_sums` (`_column_sums_kernel`) recomputes the scores block by block and sums (1) down the
+  columns. No T x T buffer: memory O(T). Row blocks whose weights are all 0 are skipped (A2SF's
   alpha^(t - q) underflows after ~60 rows; TOVA and SnapKV weigh only the last rows).
 
-The twins (`decode_attention_reference`, `column_sums_reference`) are the explicit formulas. The
-tests hold each kernel equal to its twin: on the CPU through Triton's interpreter
-(TRITON_INTERPRET=1, tests/conftest.py sets it when there is no GPU), and on CUDA with -m gpu.
+The twins (`decode_attention_reference`, `column_sums_reference`,
+`causal_attention_lse_reference`) are the explicit formulas. The tests hold each kernel equal to
+its twin: on the CPU through Triton's interpreter (TRITON_INTERPRET=1, tests/conftest.py sets it
+when there is no GPU), and on CUDA with -m gpu. The measurements behind the choices below are in
+results/kernel_probe_decode_h100.log and results/prefill_probe_h100.log (scripts/kernel_probe.py).
 
 The kernels take keys and values contiguous per KV head, (B*Hkv, S, D), as the cache stores them.
 """
@@ -42,13 +44,9 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in ba
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether the kernels can run on tensors like x: Triton present and x on CUDA in bf16 / fp16
-    (or any device under Triton's interpreter, which tests use)."""
-    if triton is None:
-        return False
-    if x.is_cuda:
-        return x.dtype in (torch.bfloat16, torch.float16)
-    return False
+    """Whether the model's fast paths call the kernels for tensors like x: Triton present and x on
+    CUDA in bf16 / fp16. (The tests call the kernels directly on the CPU, in Triton's interpreter.)"""
+    return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
 # -- decode: one row per sequence --------------------------------------------------------------
@@ -129,10 +127,9 @@ if triton is not None:
 
 def decode_split(S: int, heads: int) -> int:
     """Keys per program in decode_attention for S keys (of each of `heads` = B * Hkv KV heads):
-    64, the fastest (or within 2% of it) measured on an H100 from 257 to 6555 keys with 3 to 32
-    heads (more programs hide more memory latency; `python scripts/kernel_probe.py --decode`,
-    results/kernel_probe_decode_h100.log), and more past 16k keys so that the merge of the
-    splits (_combine_kernel, one program per row) handles at most 256 of them."""
+    64 (the fastest, or within 2% of it, from 257 to 6555 keys with 3 to 32 heads: more programs
+    hide more memory latency; results/kernel_probe_decode_h100.log), and more past 16k keys so
+    that the merge of the splits (_combine_kernel, one program per row) handles at most 256."""
     return min(1024, max(64, triton.next_power_of_2(-(-S // 256))))
 
 
@@ -243,9 +240,8 @@ def column_sums_reference(q, k, lse, w):
 
 def causal_attention_lse(q, k, v):
     """The fused causal attention and each row's natural log-sum-exp, from one fused kernel (CUDA):
-    cuDNN's (what F.scaled_dot_product_attention runs on an H100, and as fast with the log-sum-exp:
-    scripts/kernel_probe.py measured 13.98 vs 13.63 ms at 32k tokens, 32 heads) or else the flash
-    kernel's (FlashAttention-2: 26.45 ms there). q (B, Hkv, G, T, D), k, v (B, Hkv, T, D) -> out
+    cuDNN's (what F.scaled_dot_product_attention runs on Hopper, and as fast with the log-sum-exp,
+    results/prefill_probe_h100.log) or else the flash kernel's (FlashAttention-2, slower there). q (B, Hkv, G, T, D), k, v (B, Hkv, T, D) -> out
     (B, Hkv, G, T, D), lse (B, Hkv, G, T) fp32. Both want as many key heads as query heads: the
     group's keys are expanded (a copy of this call's keys only, freed after it)."""
     B, Hkv, G, T, D = q.shape
@@ -271,9 +267,10 @@ def causal_attention_lse_reference(q, k, v):
     return out, lse
 
 
-def prefill_available(q, policy) -> bool:
-    """Whether the fused prefill (flash kernel + column sums) applies: CUDA in half precision,
-    the aten flash kernel present, and a policy whose group heads combine by sum (Eq. 1 is a sum;
-    gqa='max' takes a max per row, which column sums cannot)."""
-    return (available(q) and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention")
-            and (policy.gqa == "sum" or q.shape[2] == 1) and q.shape[-1] <= 256)
+def prefill_available(device, dtype, policy, cfg) -> bool:
+    """Whether the fused prefill (causal_attention_lse + column_sums) applies to a model on device
+    in dtype: CUDA in half precision, the aten flash kernel present, and a policy whose group heads
+    combine by sum (Eq. 1 is a sum; gqa='max' takes a max per row, which column sums cannot)."""
+    return (triton is not None and torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention")
+            and (policy.gqa == "sum" or cfg.group == 1) and cfg.head_dim <= 256)

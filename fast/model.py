@@ -1,0 +1,167 @@
+"""The model's speed twins, swapped into a reference model by fast.enable(model):
+
+- fused projections: q, k, v (and LLaMA's gate and up) as one matmul each (fuse_linears);
+- the decode step's attention as one Triton pass over the keys (kernels.decode_attention), and
+  the explicit path's q k^T as one half-precision matmul with fp32 output (half_scores);
+- the prompt's twin: a first call into an empty fast.KVCache attends with the fused causal kernel,
+  takes the policy's score update from the kernel's log-sum-exp (kernels.column_sums), ranks many
+  layers at once (fast.cache.rank_prompt) and writes only the kept tokens;
+- Transformer.forward(tokens, cache, block_fn): each block through block_fn (one compiled
+  Block.forward for every layer: fast.step.compile_decode).
+
+Every piece keeps its reference in model.py and a test that holds the two equal (tests/test_fast.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import model as reference
+import policies
+from fast import kernels
+from fast.cache import KVCache as FastKVCache
+from fast.cache import Prompt, rank_prompt
+
+BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")  # torch.bmm(a, b, out_dtype=...): torch >= 2.8, CUDA kernels only
+
+# A prompt's layers wait for their ranking until their keys and values hold this many bytes (or the
+# call ends): one ranking for many layers is one set of tensor ops instead of one per layer, which is
+# what a short prompt's prefill costs on a GPU (it is bound by kernel launches).
+PENDING_BYTES = 2**28
+
+
+def half_scores(rows, k):
+    """q k^T as one bf16 / fp16 batched matmul that accumulates in and writes fp32 (CUDA only).
+    rows (B, Hkv, R, D), k (B, Hkv, S, D) -> (B, Hkv, R, S) fp32. It loses nothing against
+    upcasting first (model.attend): the product of two half-precision numbers is exact in fp32, so
+    only the order of the fp32 additions differs; upcasting copies q and k to fp32 first, slower."""
+    B, Hkv, R, D = rows.shape
+    S = k.shape[2]
+    kt = k.reshape(B * Hkv, S, D).transpose(1, 2)  # (B*Hkv, D, S): a view of contiguous keys (the cache's), no copy
+    return torch.bmm(rows.reshape(B * Hkv, R, D), kt, out_dtype=torch.float32).view(B, Hkv, R, S)
+
+
+def half_scores_apply(q, k) -> bool:
+    return BMM_OUT_DTYPE and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
+
+
+def fuse_linears(owner: nn.Module, name: str, *linears: nn.Linear) -> None:
+    """Registers on `owner` the buffer `name` (the linears' weights stacked, out_features summed) and
+    `name + "_bias"`, and makes each linear's weight and bias a view into them, so nothing is
+    stored twice and state_dict is unchanged. One matmul instead of several: one launch, and in
+    decode, which only streams the weights, a larger matrix streams closer to the memory bandwidth."""
+    with torch.no_grad():
+        weight = torch.cat([lin.weight for lin in linears])  # (sum of out_features, in_features)
+        bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+    owner.register_buffer(name, weight, persistent=False)
+    owner.register_buffer(name + "_bias", bias, persistent=False)
+    row = 0
+    for lin in linears:
+        n = lin.out_features
+        lin.weight = nn.Parameter(weight[row:row + n], requires_grad=lin.weight.requires_grad)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[row:row + n], requires_grad=lin.bias.requires_grad)
+        row += n
+
+
+class Attention(reference.Attention):
+    def project(self, x):
+        cfg = self.cfg
+        sizes = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+        return self.heads(*F.linear(x, self.wqkv, self.wqkv_bias).split(sizes, dim=-1))  # one matmul, then split
+
+    def attend(self, q, k, v, mask, need_probs: bool):
+        if q.shape[3] == 1 and kernels.available(q):  # one row per sequence: one pass over the keys
+            return kernels.decode_attention(q, k, v, mask, need_probs)
+        if not (need_probs and half_scores_apply(q, k)):
+            return super().attend(q, k, v, mask, need_probs)
+        B, Hkv, G, T, D = q.shape
+        scores = half_scores(q.reshape(B, Hkv, G * T, D), k) / math.sqrt(D)  # (B, Hkv, G*T, S) fp32
+        probs = scores.view(B, Hkv, G, T, -1).masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=-1)
+        return (probs.to(v.dtype).flatten(2, 3) @ v).view(B, Hkv, G, T, D), probs
+
+    def prompt(self, x, positions, angles, layer_cache, weights) -> tuple[torch.Tensor, Prompt]:
+        """The twin of forward for a first call into an empty cache: row i sees tokens 0..i, so the
+        fused causal kernel attends, and the policy's update for the whole call is the weighted
+        column sums of that attention (kernels.column_sums; weights (B, T) = policies.row_weights).
+        -> the attention's output (B, T, dim) and this layer's part for rank_prompt."""
+        q, k, v = self.project(x)  # q (B, Hkv, G, T, D), k and v (B, Hkv, T, D)
+        q_rot, k_rot = self.rope(q, angles), self.rope(k, angles)  # a fresh cache's slot ranks are the positions
+        o, policy = layer_cache.owner, layer_cache.policy
+        state = policies.token_state(policy, k, v, o.score_dtype)  # (B, Hkv, T) each
+        if policy.scored:
+            out, lse = kernels.causal_attention_lse(q_rot, k_rot, v)
+            B, Hkv, T = k.shape[0], k.shape[1], k.shape[2]
+            seen = (T - torch.arange(T, device=k.device)).expand(B, Hkv, T) if policy.mean else None  # rows i >= j
+            sums = kernels.column_sums(q_rot, k_rot, lse, weights)  # (B, Hkv, T)
+            state = policies.apply_update(policy, state, sums, (positions >= 0).sum(dim=-1), seen, o.alpha)
+        else:
+            out = reference.causal_attention(q_rot, k_rot, v)
+        return self.output(out), Prompt(layer_cache, k if layer_cache.rotate_on_read else k_rot, v, state)
+
+
+class MLP(reference.MLP):
+    def forward(self, x):
+        if self.arch != "llama":
+            return super().forward(x)
+        gate, up = F.linear(x, self.w_gate_up, self.w_gate_up_bias).chunk(2, dim=-1)  # one matmul for both
+        return self.w_down(F.silu(gate) * up)
+
+
+class Transformer(reference.Transformer):
+    def forward(self, tokens, cache=None, block_fn=None):
+        """model.Transformer.forward, with the prompt's twin for a first call into an empty
+        fast.KVCache, and each block through block_fn(block, x, positions, angles, layer_cache)
+        when given (fast.step.compile_decode)."""
+        if isinstance(cache, FastKVCache) and cache.held == 0 and not cache.padded and self.prompt_applies(cache):
+            return self.prompt(tokens, cache)
+        if block_fn is None:
+            return super().forward(tokens, cache)
+        positions = cache.positions(tokens.shape[1])  # (B, T)
+        x, angles = self.embed(tokens, positions), self.angles(positions)
+        for block, layer_cache in zip(self.layers, cache.layers):
+            x = block_fn(block, x, positions, angles, layer_cache)
+        return self.head(x)
+
+    def prompt_applies(self, cache) -> bool:
+        """Whether the prompt's twin runs: a policy with no scores, or the kernels for its scores."""
+        return not cache.policy.scored or kernels.prefill_available(self.device, self.dtype, cache.policy, self.cfg)
+
+    def prompt(self, tokens, cache):
+        """The prompt's twin (Attention.prompt for each layer, then rank_prompt for groups of layers)."""
+        positions = cache.positions(tokens.shape[1])  # (B, T)
+        x, angles = self.embed(tokens, positions), self.angles(positions)
+        weights = policies.row_weights(cache.policy, positions, positions.amax(dim=-1), alpha=cache.alpha)  # (B, T)
+        waiting = []
+        for block, layer_cache in zip(self.layers, cache.layers):
+            out, entry = block.attn.prompt(block.attn_norm(x), positions, angles, layer_cache, weights)
+            x = x + out
+            x = x + block.mlp(block.mlp_norm(x))
+            waiting.append(entry)
+            if sum(e.nbytes for e in waiting) >= PENDING_BYTES:
+                rank_prompt(cache, waiting, positions)
+                waiting = []
+        rank_prompt(cache, waiting, positions)
+        return self.head(x)
+
+
+def enable(model: reference.Transformer) -> Transformer:
+    """Swap the speed twins into a reference model, in place, and return it: fused projections,
+    the Triton attention kernels, the prompt's twin (with a fast.KVCache). Call after moving the
+    model to its device and dtype (a later .to() still works, but stores the stacked weights apart
+    from the separate ones). Forward hooks on wq, wk, wv, w_gate, w_up stop firing: code that
+    hooks them (the exercises do) runs on the reference model, as load_weights.load returns it."""
+    model.__class__ = Transformer
+    for block in model.layers:
+        if not isinstance(block.attn, Attention):
+            block.attn.__class__ = Attention
+            fuse_linears(block.attn, "wqkv", block.attn.wq, block.attn.wk, block.attn.wv)
+        if not isinstance(block.mlp, MLP):
+            block.mlp.__class__ = MLP
+            if model.cfg.arch == "llama":
+                fuse_linears(block.mlp, "w_gate_up", block.mlp.w_gate, block.mlp.w_up)
+    return model

@@ -1,0 +1,59 @@
+"""The decode step, compiled and captured (gpt-fast's way): the reference step `model(tokens, cache)`
+with each block compiled by torch.compile and, on CUDA, the whole call replayed as one CUDA graph.
+
+The cache's state is updated in place and the step never syncs with the host, so the graph replays
+on the same memory every step. Its Python side (the cache's host-side bookkeeping included) runs
+once, at capture: capture a step only once the cache is in its steady state (full and evicting, or
+a preallocated `full` cache). Tests hold each step equal to the eager one (tests/test_fast.py,
+tests/test_gpu.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model import Block
+
+
+def compile_decode(model, cache, backend: str = "inductor", warmup: int = 2):
+    """The decode step, score update and eviction included, with each transformer block compiled
+    by torch.compile (one compiled Block.forward serves every layer: same graph, other weights and
+    cache tensors, so it compiles in seconds) and, on CUDA, the whole step captured as one CUDA
+    graph. model: a fast.enable'd model (its forward takes block_fn)."""
+    # every policy family and cache shape is one more compiled entry of Block.forward (evaluate.py
+    # runs dozens in one process); past the default limit of 8, dynamo would fall back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+    block_fn = torch.compile(Block.forward, backend=backend, fullgraph=True)
+    step = lambda tokens: model(tokens, cache, block_fn=block_fn)  # noqa: E731
+    return CudaGraphStep(step, warmup) if cache.device.type == "cuda" else step
+
+
+def graph_decode(model, cache, warmup: int = 2):
+    """The eager step, `model(tokens, cache)`, captured as one CUDA graph on CUDA (no torch.compile,
+    so nothing to compile: a graph per cache costs a few eager steps). Replaying the step's few
+    thousand small kernels from a graph removes Python and launch overhead, the eager step's cost
+    at evaluation sizes. Works for any fixed call shape."""
+    step = lambda tokens: model(tokens, cache)  # noqa: E731
+    return CudaGraphStep(step, warmup) if cache.device.type == "cuda" else step
+
+
+class CudaGraphStep:
+    """Runs `step` for the first `warmup` calls (real decode steps: they compile it), then
+    captures one call as a CUDA graph and replays it from then on. The step must keep its state
+    in place and never sync with the host; its Python side runs once, at capture."""
+
+    def __init__(self, step, warmup: int = 2):
+        self.step, self.warmup, self.graph = step, warmup, None
+
+    def __call__(self, tokens):
+        if self.graph is None and self.warmup > 0:
+            self.warmup -= 1
+            return self.step(tokens)
+        if self.graph is None:
+            self.tokens = tokens.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.step(self.tokens)  # recorded, not run: the replay below runs it
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
