@@ -241,7 +241,8 @@ def column_sums_reference(q, k, lse, w):
 def causal_attention_lse(q, k, v):
     """The fused causal attention and each row's natural log-sum-exp, from one fused kernel (CUDA):
     cuDNN's (what F.scaled_dot_product_attention runs on Hopper, and as fast with the log-sum-exp,
-    results/prefill_probe_h100.log) or else the flash kernel's (FlashAttention-2, slower there). q (B, Hkv, G, T, D), k, v (B, Hkv, T, D) -> out
+    results/prefill_probe_h100.log) or else the flash kernel's (FlashAttention-2, slower there).
+    q (B, Hkv, G, T, D), k, v (B, Hkv, T, D) -> out
     (B, Hkv, G, T, D), lse (B, Hkv, G, T) fp32. Both want as many key heads as query heads: the
     group's keys are expanded (a copy of this call's keys only, freed after it)."""
     B, Hkv, G, T, D = q.shape
