@@ -749,8 +749,9 @@ def more_commands() -> dict:
     """Subcommands that live in files of their own (they import this one): kind -> module with
     add_command(add) and plot(plt, rows, metric)."""
     import keepmap
+    import ruler
 
-    return {"keep-map": keepmap}
+    return {"keep-map": keepmap, "ruler": ruler}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -32,6 +32,13 @@ from cache import KVCache
 POLICIES = "window,sink,h2o,a2sf,vatp,tova"
 
 
+def new_cache(model, policy, budget, **kw):
+    """The cache that goes with the model: fast.KVCache when its speed twins are on (evaluate.cache_class),
+    else the reference cache.KVCache; the same tokens are kept either way."""
+    cls = evaluate.cache_class(model) if hasattr(evaluate, "cache_class") else KVCache
+    return cls(model.cfg, policy, budget, device=model.device, dtype=model.dtype, **kw)
+
+
 def text_tokens(tok, args) -> tuple[str, list[int]]:
     """(name, the first --tokens tokens) of --text FILE or of the first Paul Graham essay."""
     if args.text:
@@ -56,8 +63,8 @@ def record(model, tokens: list[int], policy, budget, layer: int, *, mode="stream
     """Feed `tokens` through a cache call by call; after each call read what `layer` keeps.
     -> {"calls": [tokens fed after each call], "intervals": [kv_head][position] = [entered, left or None]}."""
     T, H = len(tokens), model.cfg.n_kv_heads
-    cache = KVCache(model.cfg, policy, budget, mode=mode, chunk=chunk, positions=positions, device=model.device,
-                    dtype=model.dtype, max_len=T if budget is None else None)
+    cache = new_cache(model, policy, budget, mode=mode, chunk=chunk, positions=positions,
+                      max_len=T if budget is None else None)
     ids = torch.tensor([tokens], device=model.device)
     entered = np.full((H, T), -1)
     left = np.full((H, T), -1)
