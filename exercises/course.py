@@ -58,6 +58,12 @@ def load_module(path: Path, name: str):
     return module
 
 
+def teach(message: str):
+    """Fail the check with `message` alone: no traceback, and not the stub's NotImplementedError
+    chained before it (`from None`), so the first thing the student reads is what to do."""
+    raise pytest.fail.Exception(message, pytrace=False) from None
+
+
 class Implementation:
     """The module under test; calling one of its functions that is still a stub (raises
     NotImplementedError) fails the check with what the function must do, not a traceback."""
@@ -82,10 +88,9 @@ class Implementation:
                 return obj(*args, **kwargs)
             except NotImplementedError as e:
                 doc = (inspect.getdoc(obj) or "").strip()
-                pytest.fail(f"`{name}` is not written yet ({e or 'it raises NotImplementedError'}).\n"
-                            f"What it must do:\n    {doc.replace(chr(10), chr(10) + '    ')}\n"
-                            f"Read exercises/{folder}/README.md, fill in {self.module.__file__}, run the check again.",
-                            pytrace=False)
+                teach(f"`{name}` is not written yet ({e or 'it raises NotImplementedError'}).\n"
+                      f"What it must do:\n    {doc.replace(chr(10), chr(10) + '    ')}\n"
+                      f"Read exercises/{folder}/README.md, fill in {self.module.__file__}, run the check again.")
         return call
 
 
@@ -137,8 +142,8 @@ class explained:
     def __exit__(self, kind, value, tb):
         if kind is not None and issubclass(kind, NotImplementedError):
             doc = (inspect.getdoc(self.fn) or "").strip().replace("\n", "\n    ")
-            pytest.fail(f"`{self.fn.__qualname__}` is not written yet ({value}).\nWhat it must do:\n    {doc}\n"
-                        f"Fill it in ({inspect.getsourcefile(self.fn)}) and run the check again.", pytrace=False)
+            teach(f"`{self.fn.__qualname__}` is not written yet ({value}).\nWhat it must do:\n    {doc}\n"
+                  f"Fill it in ({inspect.getsourcefile(self.fn)}) and run the check again.")
         return False
 
 
@@ -184,11 +189,11 @@ def attention_probs(m, tokens):
     B, T = tokens.shape
     pos = torch.arange(T).expand(B, T)
     causal = (pos[:, None, :] <= pos[:, :, None])[:, None].expand(B, m.cfg.n_kv_heads, T, T)
-    x, out = m.embed(tokens, pos), []
+    x, angles, out = m.embed(tokens, pos), m.angles(pos), []
     for block in m.layers:
         a = block.attn
         q, k, v = a.project(block.attn_norm(x))
-        o, probs = model.attend(a.rope(q, pos), a.rope(k, pos), v, causal, need_probs=True)
+        o, probs = model.attend(a.rope(q, angles), a.rope(k, angles), v, causal, need_probs=True)
         out.append((probs, v))
         x = x + a.output(o)
         x = x + block.mlp(block.mlp_norm(x))

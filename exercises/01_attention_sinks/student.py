@@ -12,6 +12,7 @@ def attention_received(model, tokens: torch.Tensor) -> torch.Tensor:
     Hint: run the layers yourself as Transformer.forward and Block.forward do, but call
     model.attend(..., need_probs=True) to get the probabilities (B, Hkv, G, T, T).
     """
-    # TODO: embed, then for each block: project, rotate (attn.rope), attend with need_probs=True,
-    # reduce the probabilities to (T,), then finish the block (output, residual, MLP).
+    # TODO: embed, and the rotary angles once (model.angles); then for each block: project, rotate
+    # (attn.rope), attend with need_probs=True, reduce the probabilities to (T,), then finish the
+    # block (output, residual, MLP).
     raise NotImplementedError("attention_received")

@@ -36,8 +36,8 @@ def test_update_is_the_shared_form_with_h2o_parameters(call):
     got = impl.h2o_update(scores, probs, q_pos)
     assert torch.equal(scores, before), "h2o_update changed `scores` in place: return a new tensor instead"
     h2o = policies.make_policy("h2o", 8)
-    want, _ = policies.accumulate(h2o, scores, torch.zeros_like(scores), probs, torch.ones(probs.shape[:2] + probs.shape[3:],
-                                  dtype=torch.bool), q_pos, None)
+    mask = torch.ones(probs.shape[:2] + probs.shape[3:], dtype=torch.bool)
+    want = policies.accumulate(h2o, {"score": scores}, probs, mask, q_pos)["score"]
     assert got.shape == want.shape, f"h2o_update must return (B, Hkv, S) = {tuple(want.shape)}, got {tuple(got.shape)}"
     assert got.dtype == torch.float32, f"scores accumulate in float32 (got {got.dtype}), whatever the model's dtype"
     if torch.allclose(got, want, atol=1e-5):
@@ -76,7 +76,8 @@ def test_keep_is_what_the_cache_keeps(state):
     scores, key_pos, valid, newest, budget, recent = state
     got = impl.h2o_keep(scores, key_pos, valid, newest, budget, recent)
     h2o = policies.make_policy("h2o", budget, recent=recent)
-    prio = policies.priority(h2o, scores, torch.zeros_like(scores), key_pos, valid, newest, 0)
+    keys = torch.zeros(key_pos.shape + (1,))  # H2O ranks by its score alone, never by keys or values
+    prio = policies.priority(h2o, policies.Tokens(keys, keys, key_pos, valid, {"score": scores}), newest, 0)
     want = keep_top(prio, key_pos, valid, budget)
     assert got.shape == valid.shape and got.dtype == torch.bool, (
         f"h2o_keep returns the new valid mask: bool {tuple(valid.shape)}, got {got.dtype} {tuple(got.shape)}")
@@ -106,8 +107,8 @@ def test_your_update_in_the_masked_simulation_gives_the_real_caches_logits(seed,
     h2o = policies.make_policy("h2o", budget)
     real = run_through(m, tokens, KVCache(m.cfg, h2o, budget, chunk=chunk))
 
-    def yours(policy, scores, counts, probs, mask, q_pos, values):
-        return impl.h2o_update(scores, probs, q_pos), counts + policies.seen_counts(mask, q_pos).to(counts.dtype)
+    def yours(policy, state, probs, mask, q_pos, alpha=None):  # policies.accumulate's signature
+        return {**state, "score": impl.h2o_update(state["score"], probs, q_pos)}
 
     original = policies.accumulate
     policies.accumulate = yours

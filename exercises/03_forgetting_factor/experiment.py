@@ -15,8 +15,8 @@ def main(impl, n_tokens=256, budget=32, chunk=8, alphas=(0.0, 0.1, 0.2, 0.5, 0.9
     m, tok = course.default_model()
     tokens = torch.tensor([course.shakespeare_ids(tok, n_tokens)])
 
-    def yours(policy, scores, counts, probs, mask, q_pos, values):  # what simulate.py calls after each call
-        return impl.a2sf_update(scores, probs, q_pos, policy.alpha), counts
+    def yours(policy, state, probs, mask, q_pos, alpha=None):  # what simulate.py calls after each call
+        return {**state, "score": impl.a2sf_update(state["score"], probs, q_pos, policy.alpha)}
 
     def ppl(logits):
         lp = logits[0, :-1].log_softmax(-1).gather(-1, tokens[0, 1:, None])

@@ -6,7 +6,8 @@ tests with its own correct implementation (they must pass), with yours, and with
     pytest exercises/03_forgetting_factor/student_tests.py
 
 Write at least one property test with hypothesis (@given) that A2SF with alpha = 1 is H2O:
-compare a2sf_update(..., alpha=1.0) with policies.accumulate(policies.make_policy("h2o", ...), ...).
+compare a2sf_update(scores, probs, q_pos, 1.0) with H2O's scores,
+policies.accumulate(policies.make_policy("h2o", 8), {"score": scores}, probs, mask, q_pos)["score"].
 """
 
 import torch  # noqa: F401  (you will need these)

@@ -35,7 +35,7 @@ def calls(draw):
 def project(scores, probs, q_pos, alpha):
     mask = torch.ones(probs.shape[:2] + probs.shape[3:], dtype=torch.bool)
     p = policies.make_policy("a2sf", 8, alpha=alpha)
-    return policies.accumulate(p, scores, torch.zeros_like(scores), probs, mask, q_pos, None)[0]
+    return policies.accumulate(p, {"score": scores}, probs, mask, q_pos)["score"]
 
 
 @given(calls(), st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)))

@@ -31,8 +31,9 @@ def test_vatp_update_is_the_shared_form_with_the_value_prior(call):
     scores, probs, q_pos, values = call
     got = impl.vatp_update(scores, probs, q_pos, values)
     mask = torch.ones(probs.shape[:2] + probs.shape[3:], dtype=torch.bool)
-    want, _ = policies.accumulate(policies.make_policy("vatp", 8), scores, torch.zeros_like(scores), probs, mask, q_pos,
-                                  values)
+    vatp = policies.make_policy("vatp", 8)
+    state = {**policies.token_state(vatp, values, values), "score": scores}  # "nu": ||v||_1, declared by the policy
+    want = policies.accumulate(vatp, state, probs, mask, q_pos)["score"]
     assert got.shape == want.shape, f"vatp_update returns (B, Hkv, S) = {tuple(want.shape)}, got {tuple(got.shape)}"
     l2 = torch.einsum("bghts,bt->bgs", probs, (q_pos >= 0).float()) * values.norm(dim=-1) + scores
     assert not torch.allclose(got, l2, atol=1e-5) or torch.allclose(want, l2, atol=1e-5), (

@@ -62,7 +62,8 @@ def test_batch_of_one_is_what_generate_py_generates():
         yours = impl.decode_without_syncs(m, make_cache(m, "a2sf", 1), prompt, 10, eos)
     k = ref.shape[1]
     assert torch.equal(yours[:, :k], ref) and (yours[:, k:] == eos).all(), (
-        f"generate.generate gives {ref.tolist()} then stops at eos {eos}; yours: {yours.tolist()}")
+        f"generate.generate gives {ref.tolist()} and stops at eos {eos} (which it does not return), so yours must be "
+        f"those tokens, then eos to the end; got {yours.tolist()}")
 
 
 def test_no_host_sync_while_decoding():

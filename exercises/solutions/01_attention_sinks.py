@@ -16,12 +16,12 @@ def attention_received(model, tokens: torch.Tensor) -> torch.Tensor:
     pos = torch.arange(T, device=tokens.device).expand(B, T)  # (B, T)
     causal = (pos[:, None, :] <= pos[:, :, None])[:, None].expand(B, cfg.n_kv_heads, T, T)  # (B, Hkv, T, T)
     rows_seeing = (T - torch.arange(T, device=tokens.device)).float()  # (T,) rows q >= j
-    x = model.embed(tokens, pos)
+    x, angles = model.embed(tokens, pos), model.angles(pos)  # angles: rotary (cos, sin), None for OPT
     out = []
     for block in model.layers:
         attn = block.attn
         q, k, v = attn.project(block.attn_norm(x))  # q (B, Hkv, G, T, D), k and v (B, Hkv, T, D)
-        q, k = attn.rope(q, pos), attn.rope(k, pos)
+        q, k = attn.rope(q, angles), attn.rope(k, angles)
         o, probs = attend(q, k, v, causal, need_probs=True)  # probs (B, Hkv, G, T, T)
         out.append(probs.float().sum(dim=(0, 1, 2, 3)) / (B * cfg.n_heads * rows_seeing))
         x = x + attn.output(o)

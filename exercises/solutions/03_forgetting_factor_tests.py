@@ -28,7 +28,7 @@ def test_alpha_one_is_h2o(a2sf_update, call):
     scores, probs, q_pos = call
     got = a2sf_update(scores, probs, q_pos, 1.0)
     mask = torch.ones(probs.shape[:2] + probs.shape[3:], dtype=torch.bool)  # (B, Hkv, T, S)
-    want, _ = policies.accumulate(policies.make_policy("h2o", 8), scores, torch.zeros_like(scores), probs, mask, q_pos, None)
+    want = policies.accumulate(policies.make_policy("h2o", 8), {"score": scores}, probs, mask, q_pos)["score"]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
