@@ -749,9 +749,10 @@ def more_commands() -> dict:
     """Subcommands that live in files of their own (they import this one): kind -> module with
     add_command(add) and plot(plt, rows, metric)."""
     import keepmap
+    import lm_eval_model
     import ruler
 
-    return {"keep-map": keepmap, "ruler": ruler}
+    return {"keep-map": keepmap, "ruler": ruler, "lm-eval": lm_eval_model}
 
 
 def parser() -> argparse.ArgumentParser:
