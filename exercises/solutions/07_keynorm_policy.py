@@ -1,66 +1,25 @@
-"""Exercise 07, reference solution: a policy of your own, the key-norm rule of Devoto et al. 2024 ("A Simple and
-Effective L2 Norm-Based Strategy for KV Cache Compression"): keep the keys with the LOWEST L2
-norm."""
-
-from unittest import mock
+"""Exercise 07, reference solution: a policy of your own, the key-norm rule of Devoto et al. 2024
+("A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression"): keep the keys with the
+LOWEST L2 norm. One function and one registry line: every path (the cache, its fast twins, the
+masked simulation) ranks through policies.priority, which calls the function."""
 
 import torch
 
-import evaluate
-from cache import KVCache, LayerCache, keep_top
-from policies import Policy, check
+import policies
 
 
-def keynorm_priority(keys, key_pos, valid, newest, n_sink: int, recent: int) -> torch.Tensor:
-    """What eviction ranks by, highest kept first, as policies.priority does: (B, Hkv, S) float32.
+def keynorm_score(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The key-norm policy's score of every held token, higher kept: -||k||_2, the L2 norm of the
+    key over the head dimension D, negated (a low norm is kept first).
 
-    keys (B, Hkv, S, D) the stored keys; key_pos, valid (B, Hkv, S); newest (B,) the newest row's
-    position. A low key norm is a high priority: -||k||_2. The n_sink first tokens (key_pos < n_sink)
-    and the `recent` latest (key_pos > newest - recent) get +inf; empty slots get -inf."""
-    p = -keys.float().norm(dim=-1)  # (B, Hkv, S); a rotation (RoPE) keeps the norm: stored rotated or not, the same
-    protected = (key_pos < n_sink) | (key_pos > newest[:, None, None] - recent)
-    p = torch.where(protected, float("inf"), p)
-    return torch.where(valid, p, float("-inf"))
-
-
-class KeyNormLayer(LayerCache):
-    """One layer of the cache, evicting by key norm. The policy is unscored (no attention
-    probabilities needed: the model keeps its fused attention, the paper's point)."""
-
-    def evict(self) -> None:
-        """After a call's attention: if the cache may be over budget (self.owner.evicting), keep the
-        self.owner.budget tokens of highest keynorm_priority per KV head, oldest evicted first on
-        ties, by updating self.valid in place. Read LayerCache.evict in cache.py first: the stored
-        keys are self.k, their positions self.pos, the call's row positions self.q_pos."""
-        if not self.owner.evicting:
-            return
-        newest = self.q_pos.amax(dim=-1)  # (B,)
-        prio = keynorm_priority(self.k, self.pos, self.valid, newest, self.policy.n_sink, self.policy.recent)
-        self.valid.copy_(keep_top(prio, self.pos, self.valid, self.owner.budget))
+    keys (..., S, D) the keys as the cache stores them, with any leading axes ((B, Hkv) for one
+    layer; (L, B, Hkv) when the fast path ranks several layers at once); values (..., S, D) and
+    positions (..., S) are given to every score function and unused here. Returns (..., S) float32.
+    Only the score: policies.priority adds the protected slots (+inf) and the empty ones (-inf)."""
+    return -keys.float().norm(dim=-1)  # a rotation (RoPE) keeps the norm: stored rotated or not, the same
 
 
-# -- given: the cache, the policy, and evaluate.py's token_logprobs with this cache ------------------
-
-class KeyNormCache(KVCache):
-    """A KVCache whose layers evict by key norm."""
-
-    def __init__(self, cfg, policy, budget, **kwargs):
-        super().__init__(cfg, policy, budget, **kwargs)
-        self.layers = [KeyNormLayer(i, self) for i in range(cfg.n_layers)]
-
-
-def keynorm_policy(budget: int, n_sink: int = 0, recent: int = 0) -> Policy:
-    """The key-norm policy's protected slots; scored=False: it needs no attention probabilities."""
-    policy = Policy(name="keynorm", scored=False, n_sink=n_sink, recent=recent)
-    check(policy, budget)
-    return policy
-
-
-def keynorm_logprobs(model, tokens, policy, budget: int, chunk: int) -> torch.Tensor:
-    """evaluate.token_logprobs (streaming, calls of `chunk`) with a KeyNormCache: (B, T - 1)."""
-    def make_cache(cfg, policy, budget, setup, B, T, pad, device, dtype):  # evaluate.make_cache, our class
-        return KeyNormCache(cfg, policy, budget, batch=B, mode="prefill", chunk=setup.chunk, positions=setup.positions,
-                            device=device, dtype=dtype, pad=pad)
-
-    with mock.patch.object(evaluate, "make_cache", make_cache):
-        return evaluate.token_logprobs(model, tokens, policy, budget, evaluate.Setup(chunk=chunk))
+# the registry line: a description, and the Policy's fields as a function of the budget (this policy's split is
+# the budget alone; make_policy's n_sink and recent overrides protect slots)
+policies.REGISTRY["keynorm"] = ("keynorm: lowest key norms (Devoto et al. 2024)",
+                                lambda b: dict(scored=False, score_fn=keynorm_score))
