@@ -2,13 +2,15 @@
 transformers on the same weights and with the memory-bandwidth bound, in one run.
 
     python bench.py                                   # the default grid (GPU)
-    python bench.py --models tiny --contexts 64 --new-tokens 8 --no-hf   # a smoke run on the CPU
+    python bench.py --plan targets                    # the README's Performance rows (GPU)
+    python bench.py --models tiny --contexts 64 --budgets 16 --new-tokens 8 --no-hf --no-compile   # CPU smoke run
 
-Each row: one model, policy, budget, context and batch. Prefill: the context in one call (prefill
-mode: the fused causal attention, the scores' column sums from its log-sum-exp, then only the kept
-tokens written; model.Attention.forward, cache.LayerCache.enter). Decode:
-`--new-tokens` greedy steps with the compiled step (generate.compile_decode: CUDA graph,
-eviction inside), timed with CUDA events, no host sync inside the loop. The bound is
+Each row: one model, policy, budget, context and batch, on the fast path (fast.enable, fast.KVCache;
+--reference for the plain one). Prefill: the context in one call (prefill mode: the fused causal
+attention, the scores' column sums from its log-sum-exp, then only the kept tokens written:
+fast.model.Transformer.prompt). Decode: `--new-tokens` greedy steps with the compiled step
+(fast.compile_decode: CUDA graph, eviction inside), timed on the host around the loop, no host
+sync inside it. The bound is
 batch * copy bandwidth / bytes read per step (weights + the kept keys and values), with the
 copy bandwidth measured in the same run. "peak+ GB" is the peak GPU memory above what the row
 started with (the weights): the cache, activations and attention buffers. "prefill / full" is
@@ -27,10 +29,11 @@ from pathlib import Path
 
 import torch
 
+import cache as reference_cache
+import fast
 import generate
 import model as model_mod
 import policies
-from cache import KVCache
 
 
 def now(device):
@@ -50,16 +53,19 @@ def copy_bandwidth(device, nbytes=2**30) -> float:
     return 2 * nbytes * 5 / (now(device) - t0)
 
 
-def build_model(name, device, dtype, weights=None):
+def build_model(name, device, dtype, weights=None, reference=False):
+    """(model, description); with the speed twins switched on (fast.enable) unless reference."""
     if name == "smollm2" and weights != "random":
         from load_weights import load
         m, _ = load(weights, device=device, dtype=dtype)
-        return m.fuse_projections(), "SmolLM2-135M (real weights)"
-    cfg = {"smollm2": model_mod.preset("smollm2-135m"), "llama7b": model_mod.preset("llama-2-7b"),
-           "tiny": model_mod.preset("tiny-llama")}[name]
-    with torch.device(device):
-        m = model_mod.Transformer(cfg).to(dtype).eval()  # random weights: speed does not depend on values
-    return m.fuse_projections(), f"{name} shape (random weights)"
+        desc = "SmolLM2-135M (real weights)"
+    else:
+        cfg = {"smollm2": model_mod.preset("smollm2-135m"), "llama7b": model_mod.preset("llama-2-7b"),
+               "tiny": model_mod.preset("tiny-llama")}[name]
+        with torch.device(device):
+            m = model_mod.Transformer(cfg).to(dtype).eval()  # random weights: speed does not depend on values
+        desc = f"{name} shape (random weights)"
+    return (m if reference else fast.enable(m)), desc
 
 
 def to_hf(m):
@@ -94,7 +100,8 @@ def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step,
     p = policies.make_policy(policy_name, budget)
     chunk = 512 if mode == "streaming" else 1
     full = policies.make_policy("full", None)
-    make = lambda pol, b: KVCache(cfg, pol, b, batch=batch, mode=mode, chunk=chunk, device=device, dtype=m.dtype,
+    cache_class = fast.KVCache if isinstance(m, fast.model.Transformer) else reference_cache.KVCache
+    make = lambda pol, b: cache_class(cfg, pol, b, batch=batch, mode=mode, chunk=chunk, device=device, dtype=m.dtype,
                                   max_len=context + new_tokens + 8)
     tokens = torch.randint(0, cfg.vocab_size, (batch, context), device=device)
 
@@ -124,7 +131,7 @@ def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step,
     pol_s, full_s = pol_s[1:], full_s[1:] or pol_s[1:]  # the warm-ups dropped
     prefill_s = statistics.median(pol_s)
     with torch.no_grad():
-        step = generate.compile_decode(m, cache) if compile_step else (lambda t: m(t, cache))
+        step = fast.compile_decode(m, cache) if compile_step else (lambda t: m(t, cache))
         nxt = logits.argmax(-1)[:, None]
         t0 = now(device)
         for _ in range(3):  # warm-up: compile and capture the graph
@@ -220,20 +227,24 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--long", default="32768", help="extra contexts for the 7B shape")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
-    ap.add_argument("--no-compile", action="store_true", help="decode eagerly (the slow twin)")
+    ap.add_argument("--no-compile", action="store_true", help="decode eagerly (no torch.compile, no CUDA graph)")
+    ap.add_argument("--reference", action="store_true", help="the plain reference path (implies --no-compile)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="bfloat16", choices=generate.DTYPES)
     ap.add_argument("--out", default="results/bench.json")
     ap.add_argument("--tune", action="store_true", help="inductor coordinate-descent tuning (gpt-fast's setting)")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each row's decode step")
     args = ap.parse_args(argv)
+    args.no_compile = args.no_compile or args.reference
     if args.tune:
         torch._inductor.config.coordinate_descent_tuning = True
     device = generate.pick_device(args.device)
     dtype = generate.DTYPES[args.dtype]
-    bw = copy_bandwidth(device) if device.type == "cuda" else float("nan")
+    bw = copy_bandwidth(device) if device.type == "cuda" else None  # the bound is for a GPU's memory
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"# {gpu}, torch {torch.__version__}, {args.dtype}, copy bandwidth {bw / 1e9:.0f} GB/s")
+    print(f"# {gpu}, torch {torch.__version__}, {args.dtype}, "
+          + (f"copy bandwidth {bw / 1e9:.0f} GB/s" if bw else "no bandwidth bound on the CPU (% bound: -)")
+          + (", reference path" if args.reference else ""))
     header = ("model", "impl", "policy", "budget", "ctx", "B", "mode", "prefill tok/s", "prefill / full", "decode tok/s",
               "ms/step", "peak+ GB", "KV MB", "% bound", "compile s")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
@@ -248,7 +259,7 @@ def main(argv=None):
                  f"{row['prefill_tok_s']:.0f}", f"{row.get('prefill_vs_full', float('nan')):.2f}",
                  f"{row['decode_tok_s']:.1f}", f"{row.get('ms_per_step', 0):.2f}",
                  f"{row.get('peak_gb', 0):.2f}", f"{row.get('kv_bytes', 0) / 2**20:.0f}",
-                 f"{row.get('pct_bound', float('nan')):.0f}", f"{row.get('compile_s', 0):.0f}"]
+                 f"{row['pct_bound']:.0f}" if row.get("pct_bound") else "-", f"{row.get('compile_s', 0):.0f}"]
         print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
     rows = PLANS[args.plan] if args.plan else grid(args)
@@ -257,11 +268,13 @@ def main(argv=None):
         if model_name not in loaded:
             loaded.clear()  # one model on the GPU at a time
             torch.cuda.empty_cache() if device.type == "cuda" else None
-            loaded[model_name] = build_model(model_name, device, dtype, args.weights)[0]
+            loaded[model_name] = build_model(model_name, device, dtype, args.weights, args.reference)[0]
         m = loaded[model_name]
         if isinstance(budget, str):
             budget = round(float(budget[1:]) * ctx) if budget.startswith("r") else int(budget)
         if budget is not None and budget >= ctx:
+            print(f"| {model_name} | ours | {pol} | {budget} | {ctx} | {batch} | skipped: the budget is not below the"
+                  " context, nothing would be evicted (lower --budgets) |")
             continue
         torch._dynamo.reset()
         try:
@@ -272,7 +285,7 @@ def main(argv=None):
             continue
         r.update(model=model_name, impl="ours", policy=pol, budget=budget or "-", ctx=ctx, batch=batch,
                  mode=(mode or ["prefill"])[0])
-        r["pct_bound"] = 100 * r["decode_tok_s"] / (batch * bw / step_bytes(m, r["kv_bytes"]))
+        r["pct_bound"] = 100 * r["decode_tok_s"] / (batch * bw / step_bytes(m, r["kv_bytes"])) if bw else None
         emit(r)
         if not args.no_hf and pol == "full" and batch == 1 and ctx == 1024:
             hf_rows.append((model_name, r))  # after all of ours: a slow compile of transformers' cannot cost our rows

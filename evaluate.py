@@ -58,10 +58,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cache as reference_cache
 import data
+import fast
 import generate
 import simulate
-from cache import KVCache
 from model import attend
 from policies import POLICY_NAMES, Policy, aggregate_heads, make_policy
 
@@ -144,8 +145,8 @@ class Setup:
     positions: str = "original"
     method: str = "real"  # real: the evicting cache; masked: simulate.masked_simulation
     flags: dict = field(default_factory=dict)  # alpha, n_sink, recent, gqa for make_variant
-    compile: bool = False  # steady calls through generate.compile_decode (torch.compile + CUDA graph)
-    graph: bool = False  # steady calls through generate.graph_decode (the eager step as a CUDA graph)
+    compile: bool = False  # steady calls through fast.compile_decode (torch.compile + CUDA graph)
+    graph: bool = False  # steady calls through fast.graph_decode (the eager step as a CUDA graph)
 
 
 def evicts(policy: Policy, budget: int | None, T: int) -> bool:
@@ -173,15 +174,20 @@ def call_spans(policy: Policy, budget: int | None, setup: Setup, T: int, prompt_
     return [(0, min(first, T))] + spans(first, setup.chunk)
 
 
-def make_cache(cfg, policy, budget, setup: Setup, B: int, T: int, pad, device, dtype) -> KVCache:
+def cache_class(model):
+    """fast.KVCache for a model with the speed twins on (fast.enable), else the reference cache."""
+    return fast.KVCache if isinstance(model, fast.model.Transformer) else reference_cache.KVCache
+
+
+def make_cache(model, policy, budget, setup: Setup, B: int, T: int, pad):
     """The cache for `call_spans`: `full` when nothing can be evicted; otherwise a prefill-mode
     cache, whose first call may be longer than a chunk (and evicts nothing in streaming).
     policy, budget: one for all sequences, or lists (one per sequence: cache.KVCache)."""
-    kw = dict(batch=B, chunk=setup.chunk, positions=setup.positions, device=device, dtype=dtype, pad=pad)
+    kw = dict(batch=B, chunk=setup.chunk, positions=setup.positions, device=model.device, dtype=model.dtype, pad=pad)
     first, low = _first(policy), _lowest(budget)
     if not evicts(first, low, T):
-        return KVCache(cfg, make_policy("full", None), None, max_len=T, **kw)
-    return KVCache(cfg, policy, budget, mode="prefill", **kw)
+        return cache_class(model)(model.cfg, make_policy("full", None), None, max_len=T, **kw)
+    return cache_class(model)(model.cfg, policy, budget, mode="prefill", **kw)
 
 
 def _first(policy):
@@ -204,14 +210,14 @@ class Reuse:
 
     def get(self, model, policy, budget, setup: Setup, B: int, T: int, pad):
         if setup.mode != "streaming" or not isinstance(budget, list) or not evicts(policy[0], min(budget), T):
-            return make_cache(model.cfg, policy, budget, setup, B, T, pad, model.device, model.dtype), None
+            return make_cache(model, policy, budget, setup, B, T, pad), None
         if B in self.held and self.held[B][0].budget >= max(budget):
             cache, step = self.held[B]
             cache.reset(pad, policy, budget)
             return cache, step
         top = max(self.largest or 0, *budget)
-        cache = KVCache(model.cfg, [policy[0]] * B, [top] * B, batch=B, mode="prefill", chunk=setup.chunk,
-                        positions=setup.positions, device=model.device, dtype=model.dtype, pad=pad)
+        cache = cache_class(model)(model.cfg, [policy[0]] * B, [top] * B, batch=B, mode="prefill", chunk=setup.chunk,
+                                   positions=setup.positions, device=model.device, dtype=model.dtype, pad=pad)
         cache.reset(pad, policy, budget)
         self.held[B] = (cache, None)
         return cache, None
@@ -254,7 +260,7 @@ def token_logprobs(model, tokens, policy, budget, setup: Setup, *, pad=None, pro
     for s, e in call_spans(_first(policy), _lowest(budget), setup, T, prompt_len):
         if (setup.compile or setup.graph) and s > 0 and e - s == setup.chunk and cache.budget is not None:
             if step is None:  # the steady calls, all of one shape: one step for them all
-                step = generate.compile_decode(model, cache) if setup.compile else generate.graph_decode(model, cache)
+                step = fast.compile_decode(model, cache) if setup.compile else fast.graph_decode(model, cache)
                 if reuse is not None:
                     reuse.keep_step(cache, step)
             logits = step(tokens[:, s:e])
@@ -263,6 +269,15 @@ def token_logprobs(model, tokens, policy, budget, setup: Setup, *, pad=None, pro
         _gather(out, logits, tokens, s, first)
         tick(1)
     return out
+
+
+def budget_label(budget) -> str:
+    return "all" if budget is None else str(budget)
+
+
+def size_label(size) -> str:
+    """("ratio", 0.2) -> "ratio 0.2"; None (full) -> "all"."""
+    return "all" if size is None else f"{size[0]} {size[1]:g}"
 
 
 def progress(total: int, desc: str):
@@ -322,7 +337,7 @@ def run_ppl(model, tok, args, setup: Setup) -> list[dict]:
                 window_end=[min(s + W, N - 1) for s in range(0, N - 1, W)],
                 window_ppl=[math.exp(nll[:, s:s + W].mean()) for s in range(0, N - 1, W)],
                 seconds=time.perf_counter() - t0, policy_fields=asdict(policy)))
-            say(f"ppl {v} budget {budget}: {results[-1]['ppl']:.2f}")
+            say(f"ppl {v} budget {budget_label(budget)}: {results[-1]['ppl']:.2f}")
     return results
 
 
@@ -456,7 +471,7 @@ def run_mc(model, tok, args, setup: Setup, docs_by_task: dict[str, list[dict]] |
                                max_abs_ll_diff=float(np.abs(lls["real"][mine] - lls["masked"][mine]).max()),
                                same_predictions=masked["pred"] == row["pred"] and masked["pred_norm"] == row["pred_norm"])
                 results.append(row)
-                say(f"{task} {v} {row['size']}: acc {row['acc']:.3f} acc_norm {row['acc_norm']:.3f}")
+                say(f"{task} {v} {size_label(size)}: acc {row['acc']:.3f} acc_norm {row['acc_norm']:.3f}")
     return results
 
 
@@ -545,7 +560,7 @@ def run_mask_sim(model, tok, args, setup: Setup) -> list[dict]:
             per_layer = (per_layer / max(rows, 1)).tolist()
             results.append(dict(policy=v, size=dict([size]), budget=budget, tokens=T, texts=list(texts), rows=rows,
                                 cosine=float(np.mean(per_layer)), per_layer=per_layer, policy_fields=asdict(policy)))
-            say(f"mask-sim {v} budget {budget}: cosine {results[-1]['cosine']:.3f}")
+            say(f"mask-sim {v} budget {budget_label(budget)}: cosine {results[-1]['cosine']:.3f}")
     return results
 
 
@@ -588,13 +603,13 @@ def run_needle(model, tok, args, setup: Setup) -> list[dict]:
             prompts = torch.tensor([needle_prompt(tok, filler, L, d, keys[L, d, i]) for d, i in cells], device=model.device)
             budget = budget_for(size, L)
             policy = make_variant(v, budget, setup.flags)
-            cache = make_cache(model.cfg, policy, budget, setup, len(cells), L + args.new_tokens, None,
-                               model.device, model.dtype)
+            cache = make_cache(model, policy, budget, setup, len(cells), L + args.new_tokens, None)
             with torch.no_grad():
                 for s, e in call_spans(policy, budget, setup, L - 1, L - 1, horizon=L + args.new_tokens):  # all but the last
                     model(prompts[:, s:e], cache)
                     bar.update()
-            new, _ = generate.generate(model, prompts[:, -1:], cache, args.new_tokens, compile=setup.compile)
+            step = fast.compile_decode(model, cache) if setup.compile else None
+            new, _ = generate.generate(model, prompts[:, -1:], cache, args.new_tokens, step=step)
             bar.update(args.new_tokens)
             answers = [tok.decode(row) for row in new.tolist()]
             for d in args.depths:
@@ -602,7 +617,7 @@ def run_needle(model, tok, args, setup: Setup) -> list[dict]:
                 results.append(dict(policy=v, size=size and dict([size]), budget=budget, length=L,
                                     depth=d, success=sum(got) / len(got), n=len(got),
                                     answers=[a for a, (dd, _) in zip(answers, cells) if dd == d]))
-            say(f"needle {v} budget {budget} length {L}: "
+            say(f"needle {v} budget {budget_label(budget)} length {L}: "
                       + " ".join(f"{r['depth']:g}:{r['success']:.2f}" for r in results[-len(args.depths):]))
     return results
 
@@ -756,7 +771,9 @@ def more_commands() -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = generate.OneLineParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    lines = __doc__.split("\n\n")  # the first paragraph, whole, then the examples
+    p = generate.OneLineParser(description=lines[0].replace("\n", " "), epilog="examples:\n" + lines[1],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     common = generate.OneLineParser(add_help=False)
     generate.add_policy_args(common)
@@ -770,9 +787,11 @@ def parser() -> argparse.ArgumentParser:
                         help="docs per task (mc), texts (ppl, mask-sim), keys per cell (needle)")
     common.add_argument("--batch-size", type=int, default=None, help="sequences per batch (mc default 64; ppl: all texts)")
     common.add_argument("--max-batch-tokens", type=int, default=32768, help="batch size x length at most (memory)")
-    common.add_argument("--compile", action="store_true", help="steady calls through generate.compile_decode")
+    common.add_argument("--compile", action="store_true", help="steady calls through fast.compile_decode")
     common.add_argument("--graph", action="store_true",
-                        help="steady calls replayed as a CUDA graph of the eager step (generate.graph_decode; no compile)")
+                        help="steady calls replayed as a CUDA graph of the eager step (fast.graph_decode; no compile)")
+    common.add_argument("--reference", action="store_true",
+                        help="the plain reference path (model.py, cache.py) without the fast/ twins")
     common.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     common.add_argument("--dtype", choices=generate.DTYPES, default=None, help="default: bfloat16 on cuda, float32 on cpu")
     common.add_argument("--model", default=None, help="checkpoint (default: SmolLM2-135M)")
@@ -874,6 +893,10 @@ def run(args, model=None, tok=None):
         model, tok = load(args.model, device=device, dtype=dtype)
         if tok is None:
             raise ValueError(f"{args.model} has no tokenizer (tokenizer.json or tokenizer.model): add one beside it")
+        if not args.reference:  # the speed twins (fast/): the same tokens kept, the same log-likelihoods
+            model = fast.enable(model)
+    if (args.compile or args.graph) and not isinstance(model, fast.model.Transformer):
+        raise ValueError("--compile and --graph run the fast path: drop --reference")
     if args.command == "suite":
         return run_suite(args, model, tok)
     setup = Setup(mode=args.mode, chunk=args.chunk, positions=args.positions, method=args.method, compile=args.compile,

@@ -12,8 +12,9 @@ storage is budget + C slots per layer and KV head from the first call to the las
 positions (StreamingLLM Sec. 3.2) the keys are rotated by their rank in the cache, so the stream
 runs far past the model's context.
 
-The calls run eagerly until the cache is full, then (--compile, the default on CUDA) through
-generate.compile_decode: one compiled Block.forward and, on CUDA, the whole call as one CUDA graph.
+The model and cache run on the fast path (fast.enable, fast.KVCache; --reference for the plain
+one). The calls run eagerly until the cache is full, then (--compile, the default on CUDA) through
+fast.compile_decode: one compiled Block.forward and, on CUDA, the whole call as one CUDA graph.
 Nothing inside the loop syncs with the host: the sum of the next-token NLL, the count of
 non-finite logits and (scored policies) of non-finite scores accumulate on the device and are read
 at the checkpoints only: 10,000 tokens (--at), every --every tokens and the end, each rounded up to
@@ -42,13 +43,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import fast
 import generate
 import model as model_mod
+from cache import KVCache
 from generate import DTYPES, OneLineParser, pick_device
 from policies import POLICY_NAMES, make_policy
 
 FIRST_CHECKPOINT = 10_000  # the issue asks for memory at 10k, 100k and 1M tokens
-GRAPH_WARMUP = 2  # CudaGraphStep's compiled calls before it captures the graph (generate.compile_decode's default)
+GRAPH_WARMUP = 2  # CudaGraphStep's compiled calls before it captures the graph (fast.compile_decode's default)
 
 
 # -- the token stream ------------------------------------------------------------------------------
@@ -105,7 +108,7 @@ class Meter:
         self.nll += (x.logsumexp(-1) - picked).sum()  # -log p(next token), summed over the call
         self.bad_logits += x.isfinite().logical_not().sum()
         if self.scored:  # one stack, not one check per layer: a few kernels per call whatever the depth
-            self.bad_scores += torch.stack([lc.scores for lc in cache.layers]).isfinite().logical_not().sum()
+            self.bad_scores += torch.stack([lc.state["score"] for lc in cache.layers]).isfinite().logical_not().sum()
 
     def read(self) -> tuple[float, int, int]:
         return float(self.nll), int(self.bad_logits), int(self.bad_scores)
@@ -141,10 +144,10 @@ def cache_args(args, name: str) -> argparse.Namespace:
 
 
 def full_and_evicting(cache) -> bool:
-    """True once the last call evicted with the cache full: from then on every call sees the same
-    host-side state (cache._reserve: not the first call, evicting, held = budget), so a compiled
-    step, and a CUDA graph that bakes those flags in, serves every later call."""
-    return cache.evicting and not cache.fresh and cache.held == cache.budget
+    """True once the cache is full: from then on every call sees the same host-side state
+    (KVCache.positions: held = budget, capacity = budget + chunk), so a compiled step, and a CUDA
+    graph that replays it without running its Python side, serves every later call."""
+    return cache.held == cache.budget
 
 
 @torch.no_grad()
@@ -157,7 +160,8 @@ def soak(model, stream: torch.Tensor, name: str, args, device, on_row=lambda row
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     start_peak, start_now = memory_mb(device)
-    cache = generate.cache_from_args(cache_args(args, name), model.cfg, args.tokens, device=device, dtype=model.dtype)
+    cache = generate.cache_from_args(cache_args(args, name), model.cfg, args.tokens, device=device, dtype=model.dtype,
+                                     cache_class=fast.KVCache if isinstance(model, fast.model.Transformer) else KVCache)
     C, L = args.chunk, stream.shape[0] - args.chunk - 1
     capacity = cache.capacity  # budget + C slots from the first call: the shapes never change
     if capacity != cache.budget + C:
@@ -178,7 +182,7 @@ def soak(model, stream: torch.Tensor, name: str, args, device, on_row=lambda row
         if step is None and compiled and full_and_evicting(cache):
             # From here on every call is the steady one (the eager calls before filled the cache and
             # flipped its `fresh` and `evicting` flags): compile it, and on CUDA capture it as a graph.
-            step = generate.compile_decode(model, cache, backend=args.backend)
+            step = fast.compile_decode(model, cache, backend=args.backend)
             eager_calls = k
             warm_calls = k + (GRAPH_WARMUP + 1 if device.type == "cuda" else 1)  # compile (+ capture) happen in these
         logits = step(x) if step is not None else model(x, cache)  # (1, C, V)
@@ -218,7 +222,7 @@ def soak(model, stream: torch.Tensor, name: str, args, device, on_row=lambda row
                    tok_s_min=min(steady, default=float("nan")), tok_s_max=max(steady, default=float("nan")),
                    held_max=max(r["held"] for r in rows), over_budget=any(r["held"] > cache.budget for r in rows))
     result = dict(policy=name, budget=cache.budget, chunk=C, positions=args.positions, compiled=compiled and step is not None,
-                  cuda_graph=isinstance(step, generate.CudaGraphStep), warmup=warmup, kv_bytes=cache.nbytes(),
+                  cuda_graph=isinstance(step, fast.CudaGraphStep), warmup=warmup, kv_bytes=cache.nbytes(),
                   start_peak_mb=start_peak, start_allocated_mb=start_now, policy_fields=asdict(cache.policy),
                   rows=rows, summary=summary)
     del step, cache
@@ -279,6 +283,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled steady calls, a CUDA graph on a GPU (default: on with CUDA)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager checks the wiring on a CPU)")
+    p.add_argument("--reference", action="store_true", help="the plain reference path (model.py, cache.py), no fast/")
     p.add_argument("--out", default="results/soak.json")
     p.add_argument("--json", action="store_true", help="print the JSON to stdout (the tables go to stderr)")
     return p
@@ -356,6 +361,10 @@ def run(args, argv) -> int:
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     t0 = time.perf_counter()
     model, encode, description = build_model(args, device, dtype)
+    if not args.reference:  # the speed twins (fast/): the same tokens kept
+        model = fast.enable(model)
+    elif args.compile:
+        raise ValueError("--compile runs the fast path: drop --reference (or add --no-compile)")
     check_context(args, model.cfg)
     text, source = stream_text(args)
     ids = encode(text)  # the whole text once, no BOS
