@@ -1,4 +1,4 @@
-"""Kernel timings on CUDA behind kernels.py's choices (not part of the test or bench runs):
+"""Kernel timings on CUDA behind fast/kernels.py's choices (not part of the test or bench runs):
 prefill attention with and without the row log-sum-exp, the column sums, and the decode kernel's
 split size against the explicit and fused decode attention. Prints a table."""
 
@@ -8,8 +8,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import kernels
 import model
+from fast import kernels
 
 
 def timed(fn, *args, reps=20):
@@ -87,8 +87,8 @@ def main():
         q = torch.randn(1, heads, 1, 1, D, device=dev, dtype=dt)
         k, v = torch.randn(1, heads, S, D, device=dev, dtype=dt), torch.randn(1, heads, S, D, device=dev, dtype=dt)
         mask = torch.ones(1, heads, 1, S, device=dev, dtype=torch.bool)
-        t_exp = graphed(model.attend, q, k, v, mask, True, False)
-        t_sdpa = graphed(model.attend, q, k, v, mask, False, False)
+        t_exp = graphed(model.attend, q, k, v, mask, True)
+        t_sdpa = graphed(model.attend, q, k, v, mask, False)
         orig = kernels.decode_split
         for split in (32, 64, 128, 256, 512):
             kernels.decode_split = lambda S_, h_, s=split: s

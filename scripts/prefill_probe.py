@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench  # noqa: E402
+import fast  # noqa: E402
 import generate  # noqa: E402
 import policies  # noqa: E402
-from cache import KVCache  # noqa: E402
 
 CASES = [("smollm2", 1024, 256), ("llama7b", 2048, 1024), ("llama7b", 8192, 1638)]
 POLICIES = ("full", "window", "sink", "h2o", "a2sf", "vatp")
@@ -32,8 +32,8 @@ POLICIES = ("full", "window", "sink", "h2o", "a2sf", "vatp")
 
 def make_cache(m, tokens, policy_name, budget):
     p = policies.make_policy(policy_name, None if policy_name == "full" else budget)
-    return KVCache(m.cfg, p, None if p.keep_all else budget, mode="prefill", device=tokens.device, dtype=m.dtype,
-                   max_len=tokens.shape[1] + 72)
+    return fast.KVCache(m.cfg, p, None if p.keep_all else budget, mode="prefill", device=tokens.device, dtype=m.dtype,
+                        max_len=tokens.shape[1] + 72)
 
 
 def profile_host(m, tokens, pol, budget, rows=15):

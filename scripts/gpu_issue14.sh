@@ -1,0 +1,17 @@
+# Device-machine runs for issue 14 (the redesign): `bash scripts/gpu_issue14.sh PHASE [PLAN]`.
+#   check: scripts/gpu_check_fast.py (the fast path against the reference on CUDA)
+#   bench PLAN: bench.py --plan PLAN --no-hf --weights random (speed does not depend on the values) for the landed main (old/, the files of commit 783c16e)
+#               and for this checkout, one after the other, same machine, same call
+source scripts/gpu_setup.sh >/dev/null 2>&1
+export PYTHONUNBUFFERED=1
+mkdir -p $OUT/r
+quiet() { grep -v "Online softmax\|^\s*$\|warnings.warn\|UserWarning\|DEBUG\|_warn_once"; }
+case "$1" in
+check)
+  timeout 240 python scripts/gpu_check_fast.py 2>&1 | quiet | tee $OUT/r/check.log
+  ;;
+bench)
+  (cd old && timeout ${3:-280} python bench.py --plan $2 --no-hf --weights random --out $OUT/r/old-$2.json 2>&1 | quiet | grep "^|\|^#\|Error" | grep -v "^|--" | tee $OUT/r/old-$2.log)
+  timeout ${3:-280} python bench.py --plan $2 --no-hf --weights random --out $OUT/r/new-$2.json 2>&1 | quiet | grep "^|\|^#\|Error" | grep -v "^|--" | tee $OUT/r/new-$2.log
+  ;;
+esac
