@@ -1,166 +1,504 @@
-"""Fast paths against their slow twins. On the CPU the compiled decode step is traced with the
-aot_eager backend (the same graph, no C++ build); the GPU run (tests marked gpu) uses inductor
-and CUDA graphs."""
+"""The fast package (fast/) against the reference (model.py, cache.py, policies.py): every speed
+twin held equal to the plain path it replaces, on the CPU.
+
+- fast.enable(model) + fast.KVCache against model + cache.KVCache: the same logits and the same
+  kept positions in every layer after every call, for every policy (the key-norm policy of
+  exercise 07 too, also against a masked simulation written here);
+- fast.cache.evict_one against cache.keep_top; fused projections; the compiled step (aot_eager on
+  the CPU, inductor and CUDA graphs with -m gpu); the prompt's twin (Attention.prompt, column sums,
+  rank_prompt over groups of layers); half_scores against the upcast.
+
+The prompt's twin ranks scored policies only where the kernels apply (CUDA in half precision).
+On the CPU `kernels_on_cpu` routes it through the kernels as on CUDA: column_sums in Triton's
+interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU) and the fused causal
+attention's log-sum-exp through its torch twin.
+"""
+
+import contextlib
+import copy
+import math
 
 import pytest
 import torch
-from helpers import tiny_model
+import torch.nn.functional as F
+from helpers import run_through, tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
 
-import generate
+import cache as cache_mod
+import fast
 import model
 import policies
 import simulate
-from cache import KVCache
+from fast import cache as fast_cache
+from fast import kernels
+from fast import model as fast_model
+
+MODELS = ["tiny-llama", "tiny-opt"]
+CPU = not torch.cuda.is_available()
+KERNELS_ON_CPU = CPU and kernels.triton is not None and (  # Triton's interpreter before 3.7 fails under numpy >= 2.4
+    tuple(int(x) for x in kernels.triton.__version__.split(".")[:2]) >= (3, 7))
 
 
-def _decode_both(m, policy_name, budget, device="cpu", backend="aot_eager", dtype=torch.float32, steps=16):
-    p = policies.make_policy(policy_name, budget)
-    tokens = torch.randint(0, 128, (2, 24 + steps), generator=torch.Generator().manual_seed(7)).to(device)
-    caches = [KVCache(m.cfg, p, budget, batch=2, max_len=64, device=device, dtype=dtype) for _ in range(2)]
+def twins(name="tiny-llama", seed=0):
+    """A reference model and its fast twin (fast.enable on a copy): the same weights."""
+    ref = tiny_model(name, seed=seed)
+    return ref, fast.enable(copy.deepcopy(ref))
+
+
+@contextlib.contextmanager
+def kernels_on_cpu():
+    """The prompt's twin for scored policies on the CPU, as on CUDA (see the module docstring)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if CPU:
+            if not KERNELS_ON_CPU:
+                pytest.skip("needs triton >= 3.7 (its interpreter) for column_sums on the CPU")
+            # the real rule, less its device and dtype: Eq. (1) is a sum, so gqa='max' with groups stays off
+            mp.setattr(kernels, "prefill_available", lambda device, dtype, policy, cfg: policy.gqa == "sum" or cfg.group == 1)
+            mp.setattr(kernels, "causal_attention_lse", kernels.causal_attention_lse_reference)
+        yield mp
+
+
+def run_recording(m, tokens, c, prompt_len=None):
+    """run_through, recording kept_positions of every layer after every call -> (logits, kept)."""
+    logits, kept = [], []
     with torch.no_grad():
-        for c in caches:
-            generate.feed(m, tokens[:, :24], c) if c.budget is None else [m(tokens[:, i:i + 1], c) for i in range(24)]
-        step = generate.compile_decode(m, caches[1], backend=backend)
-        for i in range(24, 24 + steps):
-            slow = m(tokens[:, i:i + 1], caches[0])
-            fast = step(tokens[:, i:i + 1].clone())
-            torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5 if dtype == torch.float32 else 5e-2)
-    for a, b in zip(caches[0].layers, caches[1].layers):
-        assert torch.equal(a.valid, b.valid) and torch.equal(torch.where(a.valid, a.pos, -1), torch.where(b.valid, b.pos, -1))
+        for s, e in simulate.call_bounds(tokens.shape[1], c.mode, c.chunk, prompt_len):
+            logits.append(m(tokens[:, s:e], c))
+            kept.append([c.kept_positions(layer) for layer in range(m.cfg.n_layers)])
+    return torch.cat(logits, dim=1), kept
 
 
-SLOW = [pytest.param(n, marks=pytest.mark.slow) for n in ("sink", "h2o", "vatp")]
+class PromptSpy:
+    """Counts the prompt's twin: the sizes of the layer groups rank_prompt ranked."""
+
+    def __init__(self, mp):
+        self.groups = []
+        rank = fast_model.rank_prompt
+
+        def spy(cache, group, positions):
+            if group:
+                self.groups.append(len(group))
+            return rank(cache, group, positions)
+        mp.setattr(fast_model, "rank_prompt", spy)
 
 
-@pytest.mark.parametrize("policy_name", ["full", "a2sf", *SLOW])
-def test_compiled_decode_step_equals_eager(policy_name):
-    torch._dynamo.reset()
-    _decode_both(tiny_model("tiny-llama"), policy_name, None if policy_name == "full" else 12)
+# -- (a) the whole fast path against the reference, every policy ------------------------------------
+
+@pytest.mark.parametrize("policy_name", policies.POLICY_NAMES)
+@settings(max_examples=6, deadline=None)
+@given(arch=st.sampled_from(MODELS), mode=st.sampled_from(cache_mod.MODES),
+       positions=st.sampled_from(cache_mod.POSITION_SCHEMES), chunk=st.sampled_from([1, 3]),
+       budgets=st.lists(st.integers(5, 12), min_size=1, max_size=2), pad=st.booleans(),
+       prompt_twin=st.booleans(), seed=st.integers(0, 2**16))
+def test_fast_path_keeps_what_the_reference_keeps(policy_name, arch, mode, positions, chunk, budgets, pad,
+                                                  prompt_twin, seed):
+    """fast.enable(model) with a fast.KVCache against the reference model with a cache.KVCache:
+    the same logits and the same kept positions of every layer after every call. Prompts longer
+    than the budget (prefill mode), per-sequence budgets with left padding (batch 2), chunks of
+    1 and 3, both position schemes (slot: LLaMA only); prompt_twin: scored policies' prompt
+    through the kernels (unscored ones take the twin whenever the cache is empty and unpadded)."""
+    if positions == "slot" and arch == "tiny-opt":
+        positions = "original"  # OPT's learned positions cannot be re-indexed
+    ref, fm = twins(arch, seed=seed % 5)
+    B, T, prompt_len = len(budgets), 26, 14
+    g = torch.Generator().manual_seed(seed)
+    pads = [int(torch.randint(0, 5, (), generator=g)) if pad else 0 for _ in range(B)]
+    tokens = torch.randint(1, 128, (B, T), generator=g)
+    for b, n in enumerate(pads):
+        tokens[b, :n] = 0
+    if policy_name == "full":
+        policy, budget = policies.make_policy("full", None), None
+    else:
+        policy, budget = [policies.make_policy(policy_name, b) for b in budgets], budgets
+    runs = []
+    with kernels_on_cpu() if prompt_twin else contextlib.nullcontext():
+        for m, kind in ((ref, cache_mod.KVCache), (fm, fast.KVCache)):
+            c = kind(ref.cfg, policy, budget, batch=B, mode=mode, chunk=chunk, positions=positions, pad=pads)
+            runs.append(run_recording(m, tokens, c, prompt_len))
+    (want, want_kept), (got, got_kept) = runs
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert got_kept == want_kept
+    if budget is not None:  # and the bound holds on both
+        assert all(len(head) <= budgets[b] for call in got_kept for layer in call
+                   for b, seq in enumerate(layer) for head in seq)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("policy_name", ["full", "sink", "h2o", "a2sf", "vatp"])
-def test_cuda_graph_decode_step_equals_eager(policy_name):
-    torch._dynamo.reset()
-    m = tiny_model("tiny-llama").cuda()
-    _decode_both(m, policy_name, None if policy_name == "full" else 12, device="cuda", backend="inductor")
+# -- (b) a policy of your own: the key norm of exercise 07, one function and one REGISTRY line -------
+
+def keynorm_score(k, v, p):
+    return -k.float().norm(dim=-1)  # the lowest key norms are kept (Devoto et al. 2024)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("policy_name", ["sink", "h2o", "a2sf", "snapkv"])
-@pytest.mark.parametrize("chunk", [1, 4])
-def test_graph_of_the_eager_step_equals_eager_across_resets(policy_name, chunk):
-    """generate.graph_decode (the eager step replayed as a CUDA graph, no compile) against the eager
-    step, with per-sequence budgets, left padding, and a reset between two batches (evaluate.Reuse)."""
-    m = tiny_model("tiny-llama").cuda()
-    budgets = [9, 13]
-    split = [policies.make_policy(policy_name, b) for b in budgets]
-    caches = [KVCache(m.cfg, split, budgets, batch=2, chunk=chunk, pad=[0, 3], device="cuda") for _ in range(2)]
-    step = None
-    for round_ in range(2):
-        tokens = torch.randint(1, 128, (2, 16 + 8 * chunk), generator=torch.Generator().manual_seed(round_)).cuda()
-        if round_:
-            for c in caches:
-                c.reset([2, 0], split[::-1], budgets[::-1])
+@contextlib.contextmanager
+def keynorm_registered():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(policies.REGISTRY, "keynorm", ("lowest key norm", lambda b: dict(scored=False, score_fn=keynorm_score)))
+        yield
+
+
+@torch.no_grad()
+def keynorm_masked_simulation(m, tokens, budget, calls):
+    """The key-norm rule written independently, the papers' way: one forward, every key kept in
+    memory, the rows of each call attend to what the rule would hold then (plain Python lists per
+    sequence and KV head). -> logits (B, T, V), and per call the held positions [layer][b][g]."""
+    B, T = tokens.shape
+    cfg = m.cfg
+    pos = torch.arange(T).expand(B, T)
+    x = m.embed(tokens, pos)
+    held_after = [[] for _ in calls]
+    for block in m.layers:
+        a = block.attn
+        q, k, v = a.project(block.attn_norm(x))  # q (B, Hkv, G, T, D), k and v (B, Hkv, T, D)
+        if cfg.rotary:  # rotate by text position, queries folded to (B, H, T, D)
+            q = model.rotate(q.reshape(B, -1, T, cfg.head_dim), pos, cfg.rope_theta).view(q.shape)
+            k = model.rotate(k, pos, cfg.rope_theta)
+        norms = k.float().norm(dim=-1).tolist()  # (B, Hkv, T)
+        held = [[[] for _ in range(cfg.n_kv_heads)] for _ in range(B)]
+        out = torch.zeros_like(q)
+        for i, (s, e) in enumerate(calls):
+            mask = torch.zeros(B, cfg.n_kv_heads, e - s, T, dtype=torch.bool)
+            for b in range(B):
+                for g in range(cfg.n_kv_heads):
+                    held[b][g] += list(range(s, e))
+                    for r in range(s, e):
+                        mask[b, g, r - s, [j for j in held[b][g] if j <= r]] = True
+            scores = (q[..., s:e, :] @ k[:, :, None].transpose(-1, -2)) / math.sqrt(cfg.head_dim)  # (B, Hkv, G, R, T)
+            out[..., s:e, :] = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1) @ v[:, :, None]
+            for b in range(B):
+                for g in range(cfg.n_kv_heads):
+                    while len(held[b][g]) > budget:  # drop the highest norm; among equals the oldest
+                        held[b][g].remove(min(held[b][g], key=lambda j: (-norms[b][g][j], j)))
+            held_after[i].append([[sorted(h) for h in seq] for seq in held])
+        x = x + a.output(out)
+        x = x + block.mlp(block.mlp_norm(x))
+    return m.head(x), held_after
+
+
+@settings(max_examples=10, deadline=None)
+@given(arch=st.sampled_from(MODELS), mode=st.sampled_from(cache_mod.MODES), budget=st.integers(3, 8),
+       chunk=st.integers(1, 3), extra=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_keynorm_policy_keeps_the_same_positions_on_both_paths_and_in_a_simulation(arch, mode, budget, chunk,
+                                                                                   extra, seed):
+    """Issue 14: the key-norm policy, added as one function and one REGISTRY line, keeps exactly
+    the same positions on the fast path (the prompt's twin ranks a prompt longer than the budget
+    all at once, evict_one the decode steps) and the reference path, in prefill and streaming
+    modes, and both equal an independent masked simulation of the rule."""
+    ref, fm = twins(arch, seed=seed % 3)
+    T, prompt_len = 18, budget + extra  # the prompt is longer than the budget
+    g = torch.Generator().manual_seed(seed)
+    # distinct tokens: a repeated token has the same key in layer 0 up to its rotation, so a tie of
+    # norms that rounding, not the rule, would break
+    tokens = torch.stack([torch.randperm(128, generator=g)[:T] for _ in range(2)])
+    with keynorm_registered():
+        policy = policies.make_policy("keynorm", budget)
+        assert policy.score_fn is keynorm_score and not policy.scored
+        runs = [run_recording(m, tokens, kind(ref.cfg, policy, budget, batch=2, mode=mode, chunk=chunk), prompt_len)
+                for m, kind in ((ref, cache_mod.KVCache), (fm, fast.KVCache))]
+    assert "keynorm" not in policies.REGISTRY  # cleaned up
+    calls = simulate.call_bounds(T, mode, chunk, prompt_len)
+    want, want_kept = keynorm_masked_simulation(ref, tokens, budget, calls)
+    for logits, kept in runs:
+        torch.testing.assert_close(logits, want, rtol=0, atol=1e-4)
+        assert kept == want_kept
+
+
+def test_keynorm_prompt_twin_ranks_a_long_prompt_by_norm_not_as_a_window():
+    """The symptom issue 14 found: a 40-token prompt, budget 8, prefill mode, kept positions 32-39
+    on the fast path (a window) and the lowest key norms on the reference. Now the prompt's twin
+    runs (the spy sees it) and keeps the lowest norms of layer 0's keys, computed here."""
+    ref, fm = twins()
+    tokens = torch.randperm(128, generator=torch.Generator().manual_seed(3))[None, :40]
+    with keynorm_registered(), pytest.MonkeyPatch.context() as mp:
+        spy = PromptSpy(mp)
+        c = fast.KVCache(ref.cfg, policies.make_policy("keynorm", 8), 8, mode="prefill")
         with torch.no_grad():
-            for c in caches:
-                for s in range(0, 16, chunk):
-                    m(tokens[:, s:s + chunk], c)
-            step = step or generate.graph_decode(m, caches[1])
-            for s in range(16, tokens.shape[1], chunk):
-                slow = m(tokens[:, s:s + chunk], caches[0])
-                fast = step(tokens[:, s:s + chunk].clone())
-                torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
-        for a, b in zip(caches[0].layers, caches[1].layers):
-            assert torch.equal(a.valid, b.valid)
+            fm(tokens, c)
+    assert spy.groups == [ref.cfg.n_layers]
+    pos = torch.arange(40)[None]
+    attn = ref.layers[0].attn
+    with torch.no_grad():
+        _, k, _ = attn.project(ref.layers[0].attn_norm(ref.embed(tokens, pos)))
+        norms = model.rotate(k, pos, ref.cfg.rope_theta).norm(dim=-1)[0]  # (Hkv, T)
+    for g, kept in enumerate(c.kept_positions(0)[0]):
+        assert kept == sorted(norms[g].argsort()[:8].tolist())
+        assert kept != list(range(32, 40))
 
 
-# -- rotary angles once per forward, against each layer rotating by the positions itself ------------
+# -- (c) one eviction without a sort ------------------------------------------------------------------
 
-def per_layer(block, x, positions, layer_cache=None, explicit=False, angles=None):
-    """The slow twin of the precomputed angles: Block.forward with them dropped, so every layer
-    computes its own from positions (model.rotate)."""
-    return model.Block.forward(block, x, positions, layer_cache, explicit)
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), S=st.integers(2, 12), budget=st.integers(1, 11), ties=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+def test_evict_one_equals_keep_top(seed, S, budget, ties, dtype):
+    """The decode-step twin (one eviction, no sort) keeps exactly what the general rule keeps,
+    under its precondition (at most budget + 1 held): fp32 through its packed (priority, position)
+    key, other dtypes through min-then-oldest; ties, -0.0 against 0.0, +inf and -inf included."""
+    g = torch.Generator().manual_seed(seed)
+    prio = (torch.rand(2, 3, S, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)  # negatives too
+    if ties:
+        prio = (prio * 3).floor()  # many equal scores
+    prio[0, 0, 0] = float("inf")  # a protected token
+    if S > 3:
+        prio[1, 2, :2] = torch.tensor([0.0, -0.0], dtype=dtype)  # -0.0 and 0.0 are equal priorities
+    pos = torch.stack([torch.randperm(S, generator=g) for _ in range(6)]).view(2, 3, S)
+    valid = torch.rand(2, 3, S, generator=g) < 0.9
+    valid &= valid.long().cumsum(-1) <= budget + 1  # the precondition
+    prio = torch.where(valid, prio, float("-inf"))
+    got = fast_cache.evict_one(prio, pos, valid, budget)
+    assert torch.equal(got, cache_mod.keep_top(prio, pos, valid, budget))
+    # and against the rule written here: drop the lowest priority, the oldest among equals
+    for b in range(2):
+        for h in range(3):
+            held = [j for j in range(S) if valid[b, h, j]]
+            if len(held) > budget:
+                held.remove(min(held, key=lambda j: (float(prio[b, h, j]), int(pos[b, h, j]))))
+            assert got[b, h].nonzero().flatten().tolist() == held
 
 
-ROTARY_CASES = {  # KVCache settings; None: no cache
-    "no cache": None,
-    "full, prefill": dict(policy="full", budget=None, mode="prefill"),
-    "full, padded": dict(policy="full", budget=None, mode="prefill", pad=[0, 3]),
+def test_evict_one_with_per_sequence_budgets_and_ties_evicts_the_oldest():
+    prio = torch.zeros(2, 1, 5)
+    pos = torch.tensor([[[4, 3, 0, 1, 2]], [[0, 1, 2, 3, 4]]])
+    valid = torch.ones(2, 1, 5, dtype=torch.bool)
+    keep = fast_cache.evict_one(prio, pos, valid, torch.tensor([4, 5])[:, None, None])
+    assert sorted(pos[0][keep[0]].tolist()) == [1, 2, 3, 4]  # position 0, the oldest, goes
+    assert keep[1].all()  # budget 5: nothing goes
+
+
+# -- (d) fused projections ----------------------------------------------------------------------------
+
+def test_fuse_linears_is_one_matmul_over_views():
+    gen = torch.Generator().manual_seed(0)
+    owner, a, b = nn.Module(), nn.Linear(8, 3), nn.Linear(8, 5)
+    x = torch.randn(4, 8, generator=gen)
+    want = torch.cat([a(x), b(x)], dim=-1).detach()
+    fast_model.fuse_linears(owner, "w", a, b)
+    torch.testing.assert_close(F.linear(x, owner.w, owner.w_bias), want, rtol=0, atol=1e-6)
+    assert a.weight.data_ptr() == owner.w.data_ptr() and b.bias.data_ptr() == owner.w_bias[3:].data_ptr()
+    assert "w" not in owner.state_dict()  # not persistent: checkpoints keep the separate names
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_enable_keeps_logits_and_state_dict(name):
+    """fast.enable: fused q, k, v (and gate, up) give the same logits with and without a cache,
+    state_dict keeps its names and values, each weight is stored once (the separate linears are
+    views), and a second enable changes nothing."""
+    ref, m = twins(name)
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    before = ref.state_dict()
+    assert fast.enable(m) is m and isinstance(m, fast_model.Transformer)
+    after = m.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        torch.testing.assert_close(m(tokens), ref(tokens), rtol=0, atol=1e-5)
+        p = policies.make_policy("h2o", 6)
+        caches = [kind(m.cfg, p, 6, batch=2, chunk=3) for kind in (cache_mod.KVCache, fast.KVCache)]
+        torch.testing.assert_close(run_through(m, tokens, caches[1]), run_through(ref, tokens, caches[0]), rtol=0, atol=1e-5)
+    attn = m.layers[0].attn
+    assert isinstance(attn, fast_model.Attention) and attn.wqkv.shape[0] == attn.wq.out_features + 2 * attn.wk.out_features
+    assert attn.wk.weight.data_ptr() == attn.wqkv[attn.wq.out_features:].data_ptr()
+    if m.cfg.arch == "llama":
+        assert m.layers[0].mlp.w_up.weight.data_ptr() == m.layers[0].mlp.w_gate_up[m.cfg.hidden_dim:].data_ptr()
+    with torch.no_grad():  # an in-place change of a separate weight is seen by the fused one
+        attn.wv.weight.zero_()
+        assert attn.wqkv[-attn.wv.out_features:].abs().sum() == 0
+
+
+# -- (e) the compiled and the graph-captured step -----------------------------------------------------
+
+@pytest.mark.parametrize("policy_name,backend", [("a2sf", "aot_eager"), ("sink", "eager"),
+                                                 pytest.param("full", "aot_eager", marks=pytest.mark.slow),
+                                                 pytest.param("vatp", "aot_eager", marks=pytest.mark.slow)])
+def test_compiled_decode_step_equals_the_reference_step(policy_name, backend):
+    """fast.compile_decode (each block through torch.compile; on the CPU no CUDA graph) against
+    the reference model's eager step: the same logits and kept positions at every step."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ref, m = twins()
+    budget = None if policy_name == "full" else 12
+    p = policies.make_policy(policy_name, budget)
+    tokens = torch.randint(0, 128, (2, 36), generator=torch.Generator().manual_seed(7))
+    slow = cache_mod.KVCache(ref.cfg, p, budget, batch=2, max_len=48)
+    quick = fast.KVCache(ref.cfg, p, budget, batch=2, max_len=48)
+    with torch.no_grad():
+        for i in range(20):
+            ref(tokens[:, i:i + 1], slow), m(tokens[:, i:i + 1], quick)
+        step = fast.compile_decode(m, quick, backend=backend)
+        for i in range(20, 36):
+            torch.testing.assert_close(step(tokens[:, i:i + 1].clone()), ref(tokens[:, i:i + 1], slow), rtol=0, atol=1e-5)
+            assert [quick.kept_positions(k) for k in range(2)] == [slow.kept_positions(k) for k in range(2)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it was compiled, not run eagerly
+
+
+def test_graph_decode_on_the_cpu_is_the_plain_step():
+    ref, m = twins()
+    p = policies.make_policy("h2o", 8)
+    slow, quick = cache_mod.KVCache(ref.cfg, p, 8, batch=2), fast.KVCache(ref.cfg, p, 8, batch=2)
+    step = fast.graph_decode(m, quick)
+    assert not isinstance(step, fast.CudaGraphStep)
+    tokens = torch.randint(0, 128, (2, 14), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for i in range(14):
+            torch.testing.assert_close(step(tokens[:, i:i + 1]), ref(tokens[:, i:i + 1], slow), rtol=0, atol=1e-5)
+    assert [quick.kept_positions(k) for k in range(2)] == [slow.kept_positions(k) for k in range(2)]
+
+
+ROTARY_CASES = {  # KVCache settings
+    "full, prefill, padded": dict(policy="full", budget=None, mode="prefill", pad=[0, 3]),
     "a2sf, prefill": dict(policy="a2sf", budget=12, mode="prefill"),  # explicit attention: queries (B, Hkv, G, T, D)
     "h2o, streaming chunk 4, padded": dict(policy="h2o", budget=12, mode="streaming", chunk=4, pad=[2, 0]),
-    "sink, slot positions": dict(policy="sink", budget=12, mode="prefill", positions="slot"),  # keys rotated per layer
+    "sink, slot positions": dict(policy="sink", budget=12, mode="prefill", positions="slot"),  # keys rotated at read
 }
 
 
-def _logits_through(m, tokens, case, block_fn):
-    if case is None:
-        return torch.cat([m(tokens, block_fn=block_fn), m(tokens, explicit=True, block_fn=block_fn)], dim=1)
-    case = dict(case)
-    policy, budget = policies.make_policy(case.pop("policy"), case["budget"]), case.pop("budget")
-    cache = KVCache(m.cfg, policy, budget, batch=tokens.shape[0], max_len=64, **case)
-    bounds = simulate.call_bounds(tokens.shape[1], cache.mode, cache.chunk, 20)  # a prompt of 20, then decode steps
-    return torch.cat([m(tokens[:, s:e], cache, block_fn=block_fn) for s, e in bounds], dim=1)
-
-
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+@pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("case", ROTARY_CASES)
-def test_rotary_angles_once_per_forward_equal_rotation_in_every_layer(name, case):
-    """tiny-llama has 4 query heads on 2 KV heads (groups of 2); OPT has no rotary: no angles."""
+def test_forward_through_block_fn_equals_the_reference_forward(name, case):
+    """The fast forward with block_fn (what compile_decode compiles: Block.forward(block, x,
+    positions, angles, layer_cache)) gives the reference's logits, and the rotary angles reach
+    every layer once computed, (B, 1, T, D) fp32 (None for OPT)."""
     if name == "tiny-opt" and "slot" in case:
         pytest.skip("slot positions need rotary embeddings")
-    m = tiny_model(name)
+    ref, m = twins(name)
     tokens = torch.randint(0, 128, (2, 28), generator=torch.Generator().manual_seed(3))
     seen = []
 
-    def spy(block, x, positions, layer_cache, explicit, angles):
+    def spy(block, x, positions, angles, layer_cache):
         seen.append(angles)
-        return model.Block.forward(block, x, positions, layer_cache, explicit, angles)
+        return model.Block.forward(block, x, positions, angles, layer_cache)
 
-    with torch.no_grad():
-        fast = _logits_through(m, tokens, ROTARY_CASES[case], spy)
-        slow = _logits_through(m, tokens, ROTARY_CASES[case], per_layer)
-    torch.testing.assert_close(fast, slow, rtol=0, atol=0)
-    if m.cfg.rotary:  # the angles reached every layer, (B, 1, T, D) fp32
+    out = []
+    for mm, kind, block_fn in ((ref, cache_mod.KVCache, None), (m, fast.KVCache, spy)):
+        with torch.no_grad():
+            kw = dict(ROTARY_CASES[case])
+            policy, budget = policies.make_policy(kw.pop("policy"), kw["budget"]), kw.pop("budget")
+            c = kind(m.cfg, policy, budget, batch=2, max_len=64, **kw)
+            calls = simulate.call_bounds(28, c.mode, c.chunk, 20)  # a prompt of 20, then decode steps
+            out.append(torch.cat([mm(tokens[:, s:e], c) if block_fn is None else mm(tokens[:, s:e], c, block_fn=block_fn)
+                                  for s, e in calls], dim=1))
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=1e-5)
+    assert seen, "block_fn was never called"
+    if m.cfg.rotary:
         assert all(a[0].shape[:2] == (2, 1) and a[0].shape[-1] == m.cfg.head_dim and a[0].dtype == torch.float32
                    for a in seen)
     else:
         assert all(a is None for a in seen)
 
 
-def test_rope_with_angles_equals_rope_from_positions_for_grouped_queries_and_keys():
+def test_rope_with_angles_equals_rotation_by_positions_for_grouped_queries_and_keys():
     m = tiny_model("tiny-llama")
     attn, cfg = m.layers[0].attn, m.cfg
     B, T, gen = 2, 7, torch.Generator().manual_seed(5)
     positions = torch.tensor([[-2, -1, 0, 1, 2, 3, 4], [10, 11, 12, 13, 14, 15, 16]])  # (B, T), left padding included
-    angles = model.rotary_angles(positions, cfg.head_dim, cfg.rope_theta)  # (B, 1, T, D)
+    angles = m.angles(positions)  # (B, 1, T, D)
     q = torch.randn(B, cfg.n_kv_heads, cfg.group, T, cfg.head_dim, generator=gen)  # (B, Hkv, G, T, D)
     k = torch.randn(B, cfg.n_kv_heads, T, cfg.head_dim, generator=gen)  # (B, Hkv, T, D)
-    for x in (q, k):
-        torch.testing.assert_close(attn.rope(x, positions, angles), attn.rope(x, positions), rtol=0, atol=0)
+    for g in range(cfg.group):  # each query head of a group turns as its keys do
+        torch.testing.assert_close(attn.rope(q, angles)[:, :, g], model.rotate(q[:, :, g], positions, cfg.rope_theta),
+                                   rtol=0, atol=0)
+    torch.testing.assert_close(attn.rope(k, angles), model.rotate(k, positions, cfg.rope_theta), rtol=0, atol=0)
+    # and against the rotation written out: pairs (i, i + D/2) turn by pos * theta^(-2i/D)
+    D = cfg.head_dim
+    ang = positions[:, None, :, None].double() * cfg.rope_theta ** (-torch.arange(0, D, 2).double() / D)
+    x1, x2 = k.double().chunk(2, -1)
+    want = torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
+    torch.testing.assert_close(attn.rope(k, angles).double(), want, rtol=0, atol=1e-5)
 
 
-# -- QK^T: a half-precision matmul with fp32 output on CUDA, the upcast elsewhere ---------------------
+# -- (f) the prompt's twin: every layer alone, all together, and the reference ------------------------
 
-def test_attention_scores_fall_back_to_the_upcast_off_cuda():
+@pytest.mark.parametrize("policy_name", [p for p in policies.POLICY_NAMES if p != "full"])
+def test_prompt_twin_ranked_per_layer_and_all_together_equals_the_reference(policy_name):
+    """fast.model.Transformer.prompt (each layer's Attention.prompt, then rank_prompt over groups
+    of layers) with PENDING_BYTES 0 (every layer ranked alone) and large (all together), against
+    the reference (update, observe, evict, shrink): the same logits, kept positions after every
+    call and policy state, per-sequence budgets included."""
+    ref, m = twins()
+    budgets = [7, 11]
+    split = [policies.make_policy(policy_name, b) for b in budgets]
+    tokens = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(11))
+    want_c = cache_mod.KVCache(ref.cfg, split, budgets, batch=2, mode="prefill")
+    want, want_kept = run_recording(ref, tokens, want_c, prompt_len=20)
+    for limit, groups in ((0, [1] * ref.cfg.n_layers), (2**28, [ref.cfg.n_layers])):
+        with kernels_on_cpu() as mp:
+            mp.setattr(fast_model, "PENDING_BYTES", limit)
+            spy = PromptSpy(mp)
+            c = fast.KVCache(ref.cfg, split, budgets, batch=2, mode="prefill")
+            got, kept = run_recording(m, tokens, c, prompt_len=20)
+        assert spy.groups == groups  # the twin ran, in these groups
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        assert kept == want_kept
+        for a, b in zip(c.layers, want_c.layers):
+            assert a.state.keys() == b.state.keys()
+            for name in a.state:  # the same tokens hold the same state (slot order may differ)
+                order_a, order_b = (torch.where(x.valid, x.pos, 1 << 30).argsort(-1) for x in (a, b))
+                sa, sb = (torch.where(x.valid, x.state[name], 0).gather(-1, o) for x, o in ((a, order_a), (b, order_b)))
+                torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-5)
+    assert all((c.tokens_held()[:, b] <= budgets[b]).all() for b in range(2))
+
+
+def test_prompt_twin_grows_a_full_cache_and_writes_every_token():
+    ref, m = twins()
+    tokens = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(4))
+    p = policies.make_policy("full", None)
+    with pytest.MonkeyPatch.context() as mp:
+        spy = PromptSpy(mp)
+        c = fast.KVCache(ref.cfg, p, None, mode="prefill")
+        got = run_through(m, tokens, c, prompt_len=30)
+    assert spy.groups == [ref.cfg.n_layers]
+    with torch.no_grad():
+        torch.testing.assert_close(got, ref(tokens), rtol=0, atol=1e-5)
+    assert c.kept_positions(1) == [[list(range(40))] * ref.cfg.n_kv_heads]
+
+
+def test_prompt_twin_is_skipped_where_it_does_not_apply():
+    """A padded batch, a second call, and scored policies without the kernels (fp32, or off CUDA)
+    go the reference way; an unpadded first call of an unscored policy takes the twin."""
+    ref, m = twins()
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    for name, pad, groups in (("h2o", None, []), ("sink", [0, 2], []), ("sink", None, [2])):
+        with pytest.MonkeyPatch.context() as mp:
+            spy = PromptSpy(mp)
+            c = fast.KVCache(ref.cfg, policies.make_policy(name, 8), 8, batch=2, mode="prefill", pad=pad)
+            with torch.no_grad():
+                m(tokens, c)
+                m(tokens[:, :1], c)  # a decode step: never the twin
+        assert spy.groups == groups
+    if KERNELS_ON_CPU:  # gqa='max' takes a max over a group's rows, which column sums cannot
+        with kernels_on_cpu():
+            assert not m.prompt_applies(fast.KVCache(ref.cfg, policies.make_policy("h2o", 8, gqa="max"), 8))
+            assert m.prompt_applies(fast.KVCache(ref.cfg, policies.make_policy("h2o", 8), 8))
+
+
+# -- (g) q k^T in half precision with fp32 output (CUDA) against the upcast -----------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [1, 5])
+def test_fast_attend_is_the_reference_attend_off_cuda(dtype, T):
+    """Off CUDA neither the decode kernel nor half_scores applies: fast Attention.attend is model.attend."""
     gen = torch.Generator().manual_seed(1)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        rows = torch.randn(2, 3, 5, 16, generator=gen).to(dtype)  # (B, Hkv, R, D)
-        k = torch.randn(2, 3, 9, 16, generator=gen).to(dtype)  # (B, Hkv, S, D)
-        scores = model.attention_scores(rows, k)
-        assert scores.dtype == torch.promote_types(dtype, torch.float32) and scores.shape == (2, 3, 5, 9)
-        torch.testing.assert_close(scores, model.upcast_scores(rows, k), rtol=0, atol=0)
+    ref, m = twins()
+    q = torch.randn(2, 2, 2, T, 16, generator=gen).to(dtype)  # (B, Hkv, G, T, D)
+    k, v = (torch.randn(2, 2, 9, 16, generator=gen).to(dtype) for _ in range(2))
+    mask = torch.rand(2, 2, T, 9, generator=gen) < 0.7
+    mask[..., 0] = True
+    assert not fast_model.half_scores_apply(q, k) and not kernels.available(q)
+    for need_probs in (True, False):
+        got, want = m.layers[0].attn.attend(q, k, v, mask, need_probs), model.attend(q, k, v, mask, need_probs)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        assert (got[1] is None) == (want[1] is None) == (not need_probs)
+        if need_probs:
+            torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
 
 
 def test_half_scores_shapes_on_the_meta_device():
     """half_scores' bmm has no CPU kernel; its meta kernel checks the shapes and the fp32 output."""
-    if not model.BMM_OUT_DTYPE:
+    if not fast_model.BMM_OUT_DTYPE:
         pytest.skip("this torch has no bmm out_dtype")
     rows = torch.empty(2, 3, 10, 16, device="meta", dtype=torch.bfloat16)[:, :, 1:6]  # (B, Hkv, R, D), a slice
     k = torch.empty(2, 3, 9, 16, device="meta", dtype=torch.bfloat16)
-    scores = model.half_scores(rows, k)
+    scores = fast_model.half_scores(rows, k)
     assert scores.shape == (2, 3, 5, 9) and scores.dtype == torch.float32
 
 
@@ -172,7 +510,7 @@ def test_half_scores_on_cuda_agree_with_the_upcast(dtype):
     only in summing D of them in fp32, each by at most D u sum_i |q_i k_i| (Higham 2002, Eq. 3.5:
     |fl(x.y) - x.y| <= gamma_D |x|.|y|, gamma_D ~ D u) against the exact sum. u = 2^-24 for
     round-to-nearest; we allow 2^-22 (tensor cores may truncate or sum in a tree)."""
-    if not model.BMM_OUT_DTYPE:
+    if not fast_model.BMM_OUT_DTYPE:
         pytest.skip("this torch has no bmm out_dtype")
     gen = torch.Generator(device="cuda").manual_seed(0)
     B, Hkv, R, S, D = 2, 4, 37, 300, 128
@@ -180,10 +518,16 @@ def test_half_scores_on_cuda_agree_with_the_upcast(dtype):
     k = torch.randn(B, Hkv, S, D, device="cuda", generator=gen).to(dtype)  # (B, Hkv, S, D)
     exact = rows.double() @ k.double().transpose(-1, -2)  # (B, Hkv, R, S)
     bound = D * 2.0**-22 * (rows.double().abs() @ k.double().abs().transpose(-1, -2))
-    fast, slow = model.attention_scores(rows, k), model.upcast_scores(rows, k)
-    compiled = torch.compile(model.attention_scores, backend="inductor", fullgraph=True)(rows, k)
-    assert fast.dtype == slow.dtype == compiled.dtype == torch.float32
-    torch.testing.assert_close(fast, model.half_scores(rows, k), rtol=0, atol=0)  # the dispatch took the half path
-    for scores in (fast, slow, compiled):
+    half, upcast = fast_model.half_scores(rows, k), rows.float() @ k.float().transpose(-1, -2)
+    compiled = torch.compile(fast_model.half_scores, backend="inductor", fullgraph=True)(rows, k)
+    assert half.dtype == upcast.dtype == compiled.dtype == torch.float32
+    for scores in (half, upcast, compiled):
         assert ((scores.double() - exact).abs() <= bound).all()
-    print(dtype, "half vs upcast, max |diff|:", (fast - slow).abs().max().item(), "max bound:", bound.max().item())
+    # the fast attend takes the half path on CUDA and gives model.attend's probabilities
+    assert fast_model.half_scores_apply(rows, k)
+    q = rows[:, :, None]  # (B, Hkv, 1, R, D)
+    mask = torch.ones(B, Hkv, R, S, dtype=torch.bool, device="cuda").tril(S - R)
+    m = fast.enable(tiny_model("tiny-llama"))
+    got, want = m.layers[0].attn.attend(q, k, k, mask, True), model.attend(q, k, k, mask, True)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)
+    print(dtype, "half vs upcast, max |diff|:", (half - upcast).abs().max().item(), "max bound:", bound.max().item())
