@@ -7,15 +7,17 @@ weighs alpha^age; with alpha = 0.1 that is below fp32's smallest subnormal (1.4e
 A kept token's score still holds the newest row's attention undecayed, so it reaches exactly 0
 only when that attention itself underflows (logit gaps above ~103). The tie test forces this with
 an extremely peaked attention (Wq x 300): then many kept tokens hold exactly 0, and the cache must
-evict the oldest of them, the same way in its fast twin (evict_one) and slow twin (keep_top).
+evict the oldest of them, the same way in its fast twin (fast.KVCache: evict_one) and the reference
+(cache.KVCache: keep_top).
 
 Disagreement rate: the fraction of (step, layer, KV head) kept sets, read with
 cache.kept_positions(layer) after each decode step, that differ from the float64 run's. Measured
 on the tiny LLaMA (2 layers x 2 KV heads), A2SF alpha 0.1, budget 16, 2,000 decode steps, seeds
 0 and 1: fp32 0 of 8,000 sets for both seeds; bf16 0.79 and 0.84, and 0.83 and 0.76 when the
 float64 run uses the same bf16-rounded weights: bf16 arithmetic (q, k, v to 3 significant digits),
-not the rounding of the weights, moves the near-ties. bf16 is reported, not held to a bound. The
-rates of each run are printed at the end of the module.
+not the rounding of the weights, moves the near-ties. So bf16's rate is reported, not bounded; what
+is bounded is how far its sets move: the share of each kept set that the float64 run also holds
+(bf16, 200 steps: 88%, held to >= 80%). Both are printed at the end of the module.
 """
 
 import copy
@@ -24,19 +26,23 @@ import pytest
 import torch
 from helpers import report_after, tiny_model
 
+import fast as fast_mod
 import policies
 from cache import KVCache
 
 ALPHA, BUDGET, PROMPT = 0.1, 16, 16
 FP32_BOUND = 0.01  # see test_fp32_kept_sets_match_float64
+BF16_SHARED = 0.8  # see test_bf16_kept_sets_stay_close_to_float64
 RATES = {}  # (dtype, steps, seed) -> (differing, total), printed at the end of the module
+SHARED = {}  # (dtype, steps, seed) -> mean share of a kept set the float64 run also holds
 
 
 @pytest.fixture(scope="module", autouse=True)
 def print_rates(request):
     yield
     report_after(request, [f"test_numerics: {name} vs float64, A2SF alpha {ALPHA}, budget {BUDGET}, {steps} decode "
-                           f"steps, seed {seed}: {diff} of {total} kept sets differ ({diff / total:.4f})"
+                           f"steps, seed {seed}: {diff} of {total} kept sets differ ({diff / total:.4f}), "
+                           f"{100 * SHARED[(name, steps, seed)]:.1f}% of each set shared"
                            for (name, steps, seed), (diff, total) in sorted(RATES.items())])
 
 
@@ -52,8 +58,8 @@ def decode(m, tokens, dtype, *, budget=BUDGET, alpha=ALPHA, fast=True, each_step
     """The first PROMPT tokens as a prefill, then one decode step per token (A2SF, tokens given, not
     sampled, so every dtype sees the same text). -> kept sets [step][layer][kv_head] and the cache."""
     m = copy.deepcopy(m).to(dtype)  # Module.to works in place: the caller's model stays as it was
-    cache = KVCache(m.cfg, policies.make_policy("a2sf", budget, alpha=alpha), budget, mode="prefill",
-                    dtype=dtype, fast=fast)
+    cache_class = fast_mod.KVCache if fast else KVCache
+    cache = cache_class(m.cfg, policies.make_policy("a2sf", budget, alpha=alpha), budget, mode="prefill", dtype=dtype)
     kept = []
     with torch.no_grad():
         m(tokens[:, :PROMPT], cache)
@@ -62,8 +68,8 @@ def decode(m, tokens, dtype, *, budget=BUDGET, alpha=ALPHA, fast=True, each_step
             logits = m(tokens[:, t:t + 1], cache)
             assert logits.isfinite().all(), f"non-finite logits at step {t}"
             for lc in cache.layers:
-                held = lc.scores[lc.valid]
-                assert lc.scores.dtype == torch.promote_types(dtype, torch.float32)
+                held = lc.state["score"][lc.valid]
+                assert lc.state["score"].dtype == torch.promote_types(dtype, torch.float32)
                 assert held.isfinite().all() and (held >= 0).all(), f"scores at step {t}: {held}"
             kept.append([cache.kept_positions(layer)[0] for layer in range(m.cfg.n_layers)])
             if each_step:
@@ -75,20 +81,33 @@ def text(n, seed=0):
     return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+def pairs_of(a, b):
+    return [(x, y) for sa, sb in zip(a, b) for la, lb in zip(sa, sb) for x, y in zip(la, lb)]
+
+
 def disagreement(a, b) -> tuple[int, int]:
-    pairs = [(x, y) for sa, sb in zip(a, b) for la, lb in zip(sa, sb) for x, y in zip(la, lb)]
+    pairs = pairs_of(a, b)
     return sum(x != y for x, y in pairs), len(pairs)
+
+
+def shared(a, b) -> float:
+    """The mean share of a kept set that the other run's set also holds."""
+    pairs = pairs_of(a, b)
+    return sum(len(set(x) & set(y)) / len(x) for x, y in pairs) / len(pairs)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
-def test_scores_and_counts_are_fp32_at_least(dtype):
+def test_policy_state_is_fp32_at_least(dtype):
     m = tiny_model("tiny-llama", max_seq_len=4096)
     _, cache = decode(m, text(PROMPT + 40), dtype)
     wanted = torch.promote_types(dtype, torch.float32)
-    assert all(lc.scores.dtype == lc.counts.dtype == wanted for lc in cache.layers)
+    assert all(set(lc.state) == {"score"} and lc.state["score"].dtype == wanted for lc in cache.layers)
+    for name in ("h2o_mean", "vatp"):  # every piece of state a policy declares: counts, ||v||_1
+        c = KVCache(m.cfg, policies.make_policy(name, BUDGET), BUDGET, dtype=dtype)
+        assert all(len(lc.state) == 2 and all(t.dtype == wanted for t in lc.state.values()) for lc in c.layers), name
     assert all(lc.k.dtype == lc.v.dtype == dtype for lc in cache.layers)  # the keys and values stay in the model's dtype
 
 
@@ -124,7 +143,7 @@ def underflowed_ties(dtype, steps, budget=64):
     def check(cache, before, after, t):
         for layer, (was, now) in enumerate(zip(before, after)):
             lc = cache.layers[layer]
-            slots_pos, slots_score = lc.pos[0].tolist(), lc.scores[0].tolist()  # an evicted slot keeps both till reused
+            slots_pos, slots_score = lc.pos[0].tolist(), lc.state["score"][0].tolist()  # an evicted slot keeps both till reused
             for head, (w, n) in enumerate(zip(was, now)):
                 gone = sorted(set(w + [t]) - set(n))
                 assert len(gone) == (len(w) + 1 > budget), (t, layer, head, gone)
@@ -165,6 +184,7 @@ def compare_with_float64(dtype, steps, seed=0, round_weights=False):
     diff, total = disagreement(got, ref)
     name = str(dtype).removeprefix("torch.") + (" (weights rounded in both)" if round_weights else "")
     RATES[(name, steps, seed)] = (diff, total)
+    SHARED[(name, steps, seed)] = shared(got, ref)
     return diff / total
 
 
@@ -176,9 +196,15 @@ def test_fp32_kept_sets_match_float64():
     assert compare_with_float64(torch.float32, 200) <= FP32_BOUND
 
 
-def test_bf16_kept_sets_against_float64_are_reported():
+def test_bf16_kept_sets_stay_close_to_float64():
+    """bf16 moves near-ties, so whole kept sets often differ (rate reported at the end of the
+    module), but only by a token or two: at least BF16_SHARED of each set is the float64 run's.
+    Measured 88.4% (seed 0, 200 steps); for scale, on the same text the float64 run with alpha
+    0.05 instead of 0.1 shares 74%, the window policy 55%, H2O 39%, a random subset 19%. A bf16
+    path that scored or ranked wrongly (not just less precisely) falls to those."""
     rate = compare_with_float64(torch.bfloat16, 200)
-    assert 0.0 <= rate <= 1.0  # reported at the end of the module; bf16 rounds the weights too
+    assert rate < 0.9, rate  # measured 0.54: many sets are exactly the float64 run's
+    assert SHARED[("bfloat16", 200, 0)] >= BF16_SHARED, SHARED
 
 
 @pytest.mark.slow
