@@ -1,13 +1,19 @@
 """Exercise 07's experiment: `python -m exercises 07`. Do low-norm keys get the attention on SmolLM2
-(Devoto et al.'s observation), and the key-norm policy against window, sink and H2O at budget 64."""
+(Devoto et al.'s observation); the key-norm policy (your function, from the registry) against
+window, sink and H2O at budget 64; the same kept positions on the reference and the fast path;
+and generate.py with --policy keynorm."""
 
+import copy
 import math
 import time
 
 import torch
 
 import evaluate
+import fast
+import generate
 import policies
+from cache import KVCache
 from exercises import course
 from model import attend
 
@@ -18,11 +24,11 @@ def norms_and_attention(m, tokens):
     T = tokens.shape[1]
     pos = torch.arange(T)[None]
     causal = (pos[:, None, :] <= pos[:, :, None])[:, None].expand(1, m.cfg.n_kv_heads, T, T)
-    x, out = m.embed(tokens, pos), []
+    x, angles, out = m.embed(tokens, pos), m.angles(pos), []
     for block in m.layers:
         a = block.attn
         q, k, v = a.project(block.attn_norm(x))
-        q, k = a.rope(q, pos), a.rope(k, pos)
+        q, k = a.rope(q, angles), a.rope(k, angles)
         o, probs = attend(q, k, v, causal, need_probs=True)
         received = probs.sum(dim=(2, 3))[0] / (m.cfg.group * (T - torch.arange(T)))  # (Hkv, T)
         out.append((k[0].norm(dim=-1), received))
@@ -44,23 +50,39 @@ def main(impl, n_tokens=512, budget=64, chunk=8):
     print("rank correlation of -||k|| with the attention a key receives (first 256 tokens, keys seen by 32+ rows), per layer:")
     print("    " + " ".join(f"{c:+.2f}" for c in corr) + "\n")
     setup = evaluate.Setup(chunk=chunk)
-    print(f"{n_tokens} tokens of Shakespeare, budget {budget}, calls of {chunk}:")
-    for name in ("full", "window", "sink", "h2o"):
+    print(f"{n_tokens} tokens of Shakespeare, budget {budget}, calls of {chunk} (evaluate.token_logprobs):")
+    runs = [(name, {}) for name in ("full", "window", "sink", "h2o")]
+    runs += [("keynorm", dict(n_sink=n_sink, recent=recent)) for n_sink, recent in ((0, 0), (0, 8), (4, 8))]
+    for name, split in runs:
         t0 = time.perf_counter()
         b = None if name == "full" else budget
-        lp = evaluate.token_logprobs(m, tokens, policies.make_policy(name, b), b, setup)
-        print(f"    {name:24s} ppl {math.exp(-float(lp.mean())):6.2f}   ({time.perf_counter() - t0:.0f} s)")
-    for n_sink, recent in ((0, 0), (0, 8), (4, 8)):
-        t0 = time.perf_counter()
-        p = impl.keynorm_policy(budget, n_sink, recent)
-        lp = impl.keynorm_logprobs(m, tokens, p, budget, chunk)
-        print(f"    keynorm n_sink {n_sink} recent {recent}  ppl {math.exp(-float(lp.mean())):6.2f}"
-              f"   ({time.perf_counter() - t0:.0f} s)")
-    p = impl.keynorm_policy(budget, 0, 8)
-    cache = impl.KeyNormCache(m.cfg, p, budget, chunk=chunk)
+        lp = evaluate.token_logprobs(m, tokens, policies.make_policy(name, b, **split), b, setup)
+        label = name + "".join(f" {k} {v}" for k, v in split.items())
+        print(f"    {label:26s} ppl {math.exp(-float(lp.mean())):6.2f}   ({time.perf_counter() - t0:.0f} s)")
+
+    p = policies.make_policy("keynorm", budget, recent=8)
+    c = KVCache(m.cfg, p, budget, chunk=chunk)
     with torch.no_grad():
         for s in range(0, n_tokens, chunk):
-            m(tokens[:, s:s + chunk], cache)
-    held0 = sum(int(cache.kept_mask(layer, 1).sum()) for layer in range(m.cfg.n_layers))
-    print(f"\nkeynorm with no protected sinks still holds token 0 in {held0} of {m.cfg.n_layers * m.cfg.n_kv_heads} heads"
-          " at the end")
+            m(tokens[:, s:s + chunk], c)
+    held0 = sum(int(c.kept_mask(layer, 1).sum()) for layer in range(m.cfg.n_layers))
+    heads = m.cfg.n_layers * m.cfg.n_kv_heads
+    print(f"\nkeynorm with no protected sinks still holds token 0 in {held0} of {heads} heads at the end")
+
+    prompt = torch.tensor([course.prompt_ids(tok, 10_000)])  # the lighthouse prompt, prefill mode (generate.py's default)
+    kept = {}
+    for path in ("reference", "fast"):
+        model_here = fast.enable(copy.deepcopy(m)) if path == "fast" else m
+        c = (fast.KVCache if path == "fast" else KVCache)(m.cfg, p, budget, mode="prefill")
+        with torch.no_grad():
+            model_here(prompt, c)
+        kept[path] = [c.kept_positions(layer)[0] for layer in range(m.cfg.n_layers)]
+    T = prompt.shape[1]
+    window = list(range(T - budget, T))
+    same = sum(a == b for la, lb in zip(kept["reference"], kept["fast"]) for a, b in zip(la, lb))
+    windows = sum(k == window for lk in kept["fast"] for k in lk)
+    print(f"the lighthouse prompt ({T} tokens) in prefill mode, budget {budget}: the reference and the fast path keep the "
+          f"same positions in {same} of {heads} heads; {windows} of them keep a plain window of the last {budget}")
+
+    print("\ngenerate.py --policy keynorm --budget 64 --recent 8 --max-new-tokens 40 (your policy, from the registry):")
+    generate.main(["--policy", "keynorm", "--budget", str(budget), "--recent", "8", "--max-new-tokens", "40"])

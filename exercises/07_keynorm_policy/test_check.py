@@ -18,6 +18,7 @@ import evaluate
 import fast
 import generate
 import policies
+import simulate
 from exercises import course
 from model import rotate
 
@@ -192,6 +193,11 @@ def test_your_policy_evicts_by_key_norm(seed, budget, chunk, n_sink, recent, mod
         f"{mode}, budget {budget}, chunk {chunk}, n_sink {n_sink}, recent {recent}: the cache's logits with your policy "
         f"differ from an independent masked simulation of the rule by {(got - want).abs().max():.3g}: after each call "
         "the cache must keep the `budget` lowest key norms (besides the protected slots)")
+    with torch.no_grad():  # the project's own masked simulation ranks through policies.priority too
+        sim, _ = simulate.masked_simulation(m, tokens, policy, budget, mode=mode, chunk=chunk if mode == "streaming" else 1,
+                                            prompt_len=prompt_len if mode == "prefill" else None)
+    off = (sim - want).abs().max()
+    assert off < 1e-4, f"simulate.masked_simulation with your policy is off by {off:.3g} from the rule"
 
 
 # -- the same tokens kept on the fast path --------------------------------------------------------
