@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_generate import ByteTokenizer
 
+import fast
 import generate
 import load_weights
 from policies import POLICY_NAMES
@@ -29,7 +30,7 @@ def tiny(monkeypatch):
 
     monkeypatch.setattr(load_weights, "load", load)
     # --compile: the eager backend checks the wiring in seconds (inductor on a CPU takes a minute: the slow test)
-    monkeypatch.setattr(generate, "compile_decode", functools.partial(generate.compile_decode, backend="eager"))
+    monkeypatch.setattr(fast, "compile_decode", functools.partial(fast.compile_decode, backend="eager"))
 
 
 def run_cli(capsys, args):
@@ -163,31 +164,41 @@ def test_compile_with_inductor(monkeypatch, capsys):
     assert assert_runs_or_one_line(*run_cli(capsys, ["--compile"])) == OK
 
 
-# Gaps the fuzzing found in generate.py / cache.py, fixed: one line each, or a run
-ARGPARSE = ("argparse prints its usage and then 'generate.py: error: ...' (several lines); generate.py's parser "
-            "needs an ArgumentParser whose error() prints one line 'error: <message>' and exits 2")
+# Gaps the fuzzing found in generate.py / cache.py, fixed: each now ends in this exact outcome
 
-
-@pytest.mark.parametrize("args", [["--dtype", "int8"], ["--budget", "abc"], ["--policy"], ["--frobnicate"]],
-                         ids=["dtype", "budget", "missing-value", "unknown-flag"])
-def test_argparse_errors_are_one_line(tiny, capsys, args):
-    assert_runs_or_one_line(*run_cli(capsys, args))
+@pytest.mark.parametrize("args,words", [
+    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (["--budget", "abc"], "argument --budget: invalid int value: 'abc'"),
+    (["--policy"], "argument --policy: expected one argument"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+], ids=["dtype", "budget", "missing-value", "unknown-flag"])
+def test_argparse_errors_are_one_line(tiny, capsys, args, words):
+    """argparse's own errors (usage, then 'generate.py: error: ...') come as one line too."""
+    outcome = assert_runs_or_one_line(*run_cli(capsys, args))
+    assert outcome.startswith("error: ") and words in outcome and outcome.endswith("(see --help)"), outcome
 
 
 def test_nan_temperature(tiny, capsys):
-    assert_runs_or_one_line(*run_cli(capsys, ["--temperature", "nan"]))
+    outcome = assert_runs_or_one_line(*run_cli(capsys, ["--temperature", "nan"]))
+    assert outcome == "error: use --temperature >= 0, --top-k >= 0 and --top-p in (0, 1]"
 
 
 @pytest.mark.parametrize("device", ["meta", "mps"])
 def test_devices_other_than_cpu_and_cuda(tiny, capsys, device):
-    assert_runs_or_one_line(*run_cli(capsys, ["--device", device]))
+    outcome = assert_runs_or_one_line(*run_cli(capsys, ["--device", device]))
+    assert outcome == f"error: --device '{device}': use cpu or cuda (or cuda:N)"
 
 
 @pytest.mark.parametrize("args", [["--budget", str(10**12)], ["--chunk", str(10**12)],
                                   ["--mode", "streaming", "--chunk", str(10**12)]], ids=["budget", "chunk", "streaming-chunk"])
 def test_huge_budget_or_chunk(tiny, capsys, args):
-    assert assert_runs_or_one_line(*run_cli(capsys, args)) == OK
+    code, out, err = run_cli(capsys, args)
+    assert assert_runs_or_one_line(code, out, err) == OK
+    kept, fed = (int(x) for x in out.split("| kept ")[1].split(" tokens")[0].split(" of "))
+    assert fed == 33 + 3 - 1 and kept == (fed if args[0] == "--budget" else 16)  # a huge budget keeps all; else ratio 0.5
 
 
 def test_full_cache_with_a_huge_max_new_tokens(tiny, capsys):
-    assert_runs_or_one_line(*run_cli(capsys, ["--policy", "full", "--positions", "slot", "--max-new-tokens", str(10**12)]))
+    outcome = assert_runs_or_one_line(*run_cli(capsys, ["--policy", "full", "--positions", "slot",
+                                                         "--max-new-tokens", str(10**12)]))
+    assert outcome.startswith("error: prompt (33) + --max-new-tokens (1000000000000) exceed the context of 256")
