@@ -1,12 +1,13 @@
 """The fast package (fast/) against the reference (model.py, cache.py, policies.py): every speed
-twin held equal to the plain path it replaces, on the CPU.
+twin held equal to the plain path it replaces (on the CPU; the tests marked gpu on CUDA).
 
 - fast.enable(model) + fast.KVCache against model + cache.KVCache: the same logits and the same
   kept positions in every layer after every call, for every policy (the key-norm policy of
   exercise 07 too, also against a masked simulation written here);
 - fast.cache.evict_one against cache.keep_top; fused projections; the compiled step (aot_eager on
-  the CPU, inductor and CUDA graphs with -m gpu); the prompt's twin (Attention.prompt, column sums,
-  rank_prompt over groups of layers); half_scores against the upcast.
+  the CPU; inductor and a CUDA graph with -m gpu) and the eager step as a CUDA graph; the prompt's
+  twin (Attention.prompt, column sums, rank_prompt over groups of layers); half_scores against
+  the upcast.
 
 The prompt's twin ranks scored policies only where the kernels apply (CUDA in half precision).
 On the CPU `kernels_on_cpu` routes it through the kernels as on CUDA: column_sums in Triton's
@@ -17,6 +18,7 @@ attention's log-sum-exp through its torch twin.
 import contextlib
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -36,9 +38,8 @@ from fast import kernels
 from fast import model as fast_model
 
 MODELS = ["tiny-llama", "tiny-opt"]
-CPU = not torch.cuda.is_available()
-KERNELS_ON_CPU = CPU and kernels.triton is not None and (  # Triton's interpreter before 3.7 fails under numpy >= 2.4
-    tuple(int(x) for x in kernels.triton.__version__.split(".")[:2]) >= (3, 7))
+INTERPRETED = (os.environ.get("TRITON_INTERPRET") == "1" and kernels.triton is not None  # tests/conftest.py
+               and tuple(int(x) for x in kernels.triton.__version__.split(".")[:2]) >= (3, 7))  # older fail on numpy 2.4
 
 
 def twins(name="tiny-llama", seed=0):
@@ -49,14 +50,14 @@ def twins(name="tiny-llama", seed=0):
 
 @contextlib.contextmanager
 def kernels_on_cpu():
-    """The prompt's twin for scored policies on the CPU, as on CUDA (see the module docstring)."""
+    """The prompt's twin for scored policies on the CPU, as on CUDA (see the module docstring);
+    column_sums through its torch twin where Triton cannot interpret it (a CUDA machine, no Triton)."""
     with pytest.MonkeyPatch.context() as mp:
-        if CPU:
-            if not KERNELS_ON_CPU:
-                pytest.skip("needs triton >= 3.7 (its interpreter) for column_sums on the CPU")
-            # the real rule, less its device and dtype: Eq. (1) is a sum, so gqa='max' with groups stays off
-            mp.setattr(kernels, "prefill_available", lambda device, dtype, policy, cfg: policy.gqa == "sum" or cfg.group == 1)
-            mp.setattr(kernels, "causal_attention_lse", kernels.causal_attention_lse_reference)
+        # the real rule, less its device and dtype: Eq. (1) is a sum, so gqa='max' with groups stays off
+        mp.setattr(kernels, "prefill_available", lambda device, dtype, policy, cfg: policy.gqa == "sum" or cfg.group == 1)
+        mp.setattr(kernels, "causal_attention_lse", kernels.causal_attention_lse_reference)
+        if not INTERPRETED:
+            mp.setattr(kernels, "column_sums", kernels.column_sums_reference)
         yield mp
 
 
@@ -344,6 +345,61 @@ def test_graph_decode_on_the_cpu_is_the_plain_step():
     assert [quick.kept_positions(k) for k in range(2)] == [slow.kept_positions(k) for k in range(2)]
 
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy_name", ["full", "sink", "h2o", "a2sf", "vatp"])
+def test_cuda_graph_of_the_compiled_step_equals_the_reference_step(policy_name):
+    """fast.compile_decode on CUDA (inductor, then one CUDA graph) against the reference eager step, fp32."""
+    torch._dynamo.reset()
+    ref = tiny_model("tiny-llama").cuda()
+    m = fast.enable(copy.deepcopy(ref))
+    budget = None if policy_name == "full" else 12
+    p = policies.make_policy(policy_name, budget)
+    tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(7)).cuda()
+    slow = cache_mod.KVCache(ref.cfg, p, budget, batch=2, max_len=64, device="cuda")
+    quick = fast.KVCache(ref.cfg, p, budget, batch=2, max_len=64, device="cuda")
+    with torch.no_grad():
+        for i in range(24):
+            ref(tokens[:, i:i + 1], slow), m(tokens[:, i:i + 1], quick)
+        step = fast.compile_decode(m, quick)
+        assert isinstance(step, fast.CudaGraphStep)
+        for i in range(24, 40):
+            torch.testing.assert_close(step(tokens[:, i:i + 1].clone()), ref(tokens[:, i:i + 1], slow), rtol=0, atol=1e-5)
+    for a, b in zip(slow.layers, quick.layers):  # the same kept tokens (slot order may differ)
+        assert (torch.where(a.valid, a.pos, -1).sort(-1).values == torch.where(b.valid, b.pos, -1).sort(-1).values).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy_name", ["sink", "h2o", "a2sf", "snapkv"])
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_graph_of_the_eager_step_equals_eager_across_resets(policy_name, chunk):
+    """fast.graph_decode (the eager step replayed as a CUDA graph, no compile) against the eager
+    step, with per-sequence budgets, left padding, and a reset between two batches (evaluate.Reuse)."""
+    m = fast.enable(tiny_model("tiny-llama").cuda())
+    budgets = [9, 13]
+    split = [policies.make_policy(policy_name, b) for b in budgets]
+    caches = [fast.KVCache(m.cfg, split, budgets, batch=2, chunk=chunk, pad=[0, 3], device="cuda") for _ in range(2)]
+    step = None
+    for round_ in range(2):
+        tokens = torch.randint(1, 128, (2, 16 + 8 * chunk), generator=torch.Generator().manual_seed(round_)).cuda()
+        if round_:
+            for c in caches:
+                c.reset([2, 0], split[::-1], budgets[::-1])
+        with torch.no_grad():
+            for c in caches:
+                for s in range(0, 16, chunk):
+                    m(tokens[:, s:s + chunk], c)
+            step = step or fast.graph_decode(m, caches[1])
+            assert isinstance(step, fast.CudaGraphStep)
+            for s in range(16, tokens.shape[1], chunk):
+                slow = m(tokens[:, s:s + chunk], caches[0])
+                quick = step(tokens[:, s:s + chunk].clone())
+                torch.testing.assert_close(quick, slow, rtol=0, atol=1e-5)
+        for a, b in zip(caches[0].layers, caches[1].layers):
+            assert torch.equal(a.valid, b.valid)
+
 ROTARY_CASES = {  # KVCache settings
     "full, prefill, padded": dict(policy="full", budget=None, mode="prefill", pad=[0, 3]),
     "a2sf, prefill": dict(policy="a2sf", budget=12, mode="prefill"),  # explicit attention: queries (B, Hkv, G, T, D)
@@ -465,10 +521,9 @@ def test_prompt_twin_is_skipped_where_it_does_not_apply():
                 m(tokens, c)
                 m(tokens[:, :1], c)  # a decode step: never the twin
         assert spy.groups == groups
-    if KERNELS_ON_CPU:  # gqa='max' takes a max over a group's rows, which column sums cannot
-        with kernels_on_cpu():
-            assert not m.prompt_applies(fast.KVCache(ref.cfg, policies.make_policy("h2o", 8, gqa="max"), 8))
-            assert m.prompt_applies(fast.KVCache(ref.cfg, policies.make_policy("h2o", 8), 8))
+    with kernels_on_cpu():  # gqa='max' takes a max over a group's rows, which column sums cannot
+        assert not m.prompt_applies(fast.KVCache(ref.cfg, policies.make_policy("h2o", 8, gqa="max"), 8))
+        assert m.prompt_applies(fast.KVCache(ref.cfg, policies.make_policy("h2o", 8), 8))
 
 
 # -- (g) q k^T in half precision with fp32 output (CUDA) against the upcast -----------------------------
