@@ -27,7 +27,7 @@ def run_checkers(impl: str, folder: Path, marks: str = "not slow and not gpu") -
                            f"--junitxml={xml}"], cwd=ROOT, env={**os.environ, "EXERCISE_IMPL": impl},
                           capture_output=True, text=True, timeout=900)
     assert xml.exists(), f"pytest did not run the checkers:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    out = {name: {"passed": 0, "failed": [], "skipped": 0} for name in EXERCISES}
+    out = {name: {"passed": 0, "failed": [], "skipped": 0, "chained": []} for name in EXERCISES}
     for case in ET.parse(xml).getroot().iter("testcase"):
         found = re.search(r"(\d\d_[a-z0-9_]+)", case.get("classname", "") + "." + case.get("name", ""))
         assert found and found[1] in out, f"a test outside the exercises: {case.attrib}"
@@ -35,6 +35,8 @@ def run_checkers(impl: str, folder: Path, marks: str = "not slow and not gpu") -
         bad = case.find("failure") if case.find("failure") is not None else case.find("error")
         if bad is not None:
             result["failed"].append((case.get("name"), bad.get("message", "")))
+            if "During handling of the above exception" in (bad.text or ""):  # the report as pytest prints it
+                result["chained"].append(case.get("name"))
         elif case.find("skipped") is not None:
             result["skipped"] += 1
         else:
@@ -99,6 +101,8 @@ def test_checker_fails_on_the_stub_and_says_why(stub_run, name):
     assert r["failed"], f"{name}: the untouched stub passes every check ({r['passed']} tests)"
     raw = [(test, msg) for test, msg in r["failed"] if msg.lstrip().startswith("NotImplementedError")]
     assert not raw, f"{name}: failures that are a bare NotImplementedError, not a message: {raw}"
+    assert not r["chained"], (f"{name}: the teaching message comes after a chained exception dump in {r['chained']}: "
+                              "raise it `from None` (course.teach)")
 
 
 @pytest.mark.slow
