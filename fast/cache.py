@@ -56,25 +56,28 @@ class LayerCache(reference.LayerCache):
             return evict_one(prio, self.pos, self.valid, self.owner.budgets)
         return super().select(prio, call)
 
-    def write_prompt(self, k, v, pos, keep, state) -> None:
+    def write_prompt(self, k, v, pos, keep, state, idx) -> None:
         """A first call's tokens, ranked (rank_prompt), written into slots 0.. in text order, as the
         reference's shrink after a prompt leaves them. k, v (B, Hkv, T, D); pos, keep (which are
-        kept) and state {name: (B, Hkv, T)}. Only the kept ones are written when the storage is
+        kept) and state {name: (B, Hkv, T)}; idx (B, Hkv, T) the kept tokens first, in text order,
+        or None when the call fits the storage. Only the kept ones are written when the storage is
         shorter than the call (at most `budget` are kept): a prompt never needs storage of its own
         length."""
         B, H, T, D = k.shape
         if T > self.capacity and self.policy.keep_all:
             self.resize(self.owner.capacity)  # all of it is kept: grow (the cache is empty)
-        n = min(T, self.capacity)
-        idx = keep.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :n]  # kept first, in text order
         if T <= self.capacity:
-            idx = torch.arange(T, device=k.device).expand(B, H, T)  # all fit: every token, kept or not, in order
-        self.k[:, :, :n] = k.gather(2, idx[..., None].expand(B, H, n, D))
-        self.v[:, :, :n] = v.gather(2, idx[..., None].expand(B, H, n, D))
-        self.pos[:, :, :n] = pos.gather(2, idx)
-        self.valid[:, :, :n] = keep.gather(2, idx)
+            self.k[:, :, :T], self.v[:, :, :T], self.pos[:, :, :T], self.valid[:, :, :T] = k, v, pos, keep
+            for name, t in state.items():
+                self.state[name][:, :, :T] = t
+            return
+        idx = idx[..., :self.capacity]  # (B, Hkv, C): gathered straight into the storage
+        torch.gather(k, 2, idx[..., None].expand(B, H, self.capacity, D), out=self.k)
+        torch.gather(v, 2, idx[..., None].expand(B, H, self.capacity, D), out=self.v)
+        torch.gather(pos, 2, idx, out=self.pos)
+        torch.gather(keep, 2, idx, out=self.valid)
         for name, t in state.items():
-            self.state[name][:, :, :n] = t.gather(2, idx)
+            torch.gather(t, 2, idx, out=self.state[name])
 
 
 @dataclass
@@ -84,7 +87,8 @@ class Prompt:
     layer: LayerCache
     k: torch.Tensor  # (B, Hkv, T, D) as the layer stores keys (rotated, or not in slot mode)
     v: torch.Tensor  # (B, Hkv, T, D)
-    state: dict  # {name: (B, Hkv, T)} the policy's state after the call's update
+    state: dict  # {name: (B, Hkv, T)} the policy's state of the new tokens (policies.token_state)
+    update: torch.Tensor | None  # (B, Hkv, T) the call's score update (column sums), None if unscored
 
     @property
     def nbytes(self) -> int:
@@ -92,27 +96,37 @@ class Prompt:
 
 
 def rank_prompt(cache: "KVCache", group: list[Prompt], positions: torch.Tensor) -> None:
-    """The twin of each layer's evict for a first call into an empty cache: every token of the call
-    was seen by the rows after it, and the policy's state is final (FastAttention.prompt), so the
-    layers of `group` are ranked together (policies.priority over (L, B, Hkv, T), keep_top), then
-    each writes only its kept tokens (LayerCache.write_prompt). positions (B, T)."""
+    """The twin of each layer's evict for a first call into an empty cache, for the layers of
+    `group` at once: the policy's update (policies.apply_update; every row of the call saw the
+    tokens before it), then one ranking (policies.priority over (L, B, Hkv, T), keep_top; one for
+    all layers when the policy ranks by position alone), then each layer writes only its kept
+    tokens (LayerCache.write_prompt). positions (B, T)."""
     if not group:
         return
-    p = cache.policy
+    p, L = cache.policy, len(group)
     B, H, T, D = group[0].k.shape
     pos = positions[:, None, :].expand(B, H, T)  # (B, Hkv, T)
-    keep = (pos >= 0)[None].expand(len(group), B, H, T)  # (L, B, Hkv, T): nothing evicted
+    stack = lambda xs: torch.stack(xs) if len(xs) > 1 else xs[0][None]  # noqa: E731  (L, ...)
+    state = {name: stack([e.state[name] for e in group]) for name in group[0].state}  # (L, B, Hkv, T) each
+    if p.scored:
+        seen = (T - torch.arange(T, device=pos.device)).expand(B, H, T) if p.mean else None  # rows q >= j saw j
+        state = policies.apply_update(p, state, stack([e.update for e in group]), (positions >= 0).sum(dim=-1), seen,
+                                      cache.alpha)
+    keep, idx = (pos >= 0)[None], None  # (1, B, Hkv, T): nothing evicted
     if not p.keep_all:
-        L = len(group)
-        stack = lambda xs: torch.stack(xs) if L > 1 else xs[0][None]  # noqa: E731
-        tokens = Tokens(stack([e.k for e in group]) if p.score_fn else None, stack([e.v for e in group]) if p.score_fn else None,
-                        pos.expand(L, B, H, T), torch.ones(L, B, H, T, dtype=torch.bool, device=pos.device),
-                        {name: stack([e.state[name] for e in group]) for name in group[0].state})
-        layers = torch.stack([e.layer.layer for e in group]).view(L, 1, 1, 1)
+        n = L if p.scored or p.random or p.score_fn else 1  # else positions alone decide: one ranking serves all
+        tokens = Tokens(stack([e.k for e in group[:n]]) if p.score_fn else None,
+                        stack([e.v for e in group[:n]]) if p.score_fn else None, pos.expand(n, B, H, T),
+                        torch.ones(n, B, H, T, dtype=torch.bool, device=pos.device), state)
+        layers = torch.stack([e.layer.layer for e in group[:n]]).view(n, 1, 1, 1)
         prio = policies.priority(p, tokens, positions.amax(dim=-1), layers, cache.n_sinks, cache.recents)
-        keep = reference.keep_top(prio, tokens.pos, tokens.valid, cache.budgets)  # (L, B, Hkv, T)
-    for e, kept in zip(group, keep):
-        e.layer.write_prompt(e.k, e.v, pos, kept, e.state)
+        keep = reference.keep_top(prio, tokens.pos, tokens.valid, cache.budgets)  # (n, B, Hkv, T)
+        if T > min(e.layer.capacity for e in group):  # the kept tokens first, in text order
+            idx = keep.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)  # (n, B, Hkv, T)
+    for i, e in enumerate(group):
+        j = min(i, keep.shape[0] - 1)
+        e.layer.write_prompt(e.k, e.v, pos, keep[j], {name: t[i] for name, t in state.items()},
+                             None if idx is None else idx[j])
 
 
 class KVCache(reference.KVCache):

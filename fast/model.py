@@ -87,21 +87,20 @@ class Attention(reference.Attention):
     def prompt(self, x, positions, angles, layer_cache, weights) -> tuple[torch.Tensor, Prompt]:
         """The twin of forward for a first call into an empty cache: row i sees tokens 0..i, so the
         fused causal kernel attends, and the policy's update for the whole call is the weighted
-        column sums of that attention (kernels.column_sums; weights (B, T) = policies.row_weights).
+        column sums of that attention (kernels.column_sums; weights (B, T) = policies.row_weights),
+        applied to the state in rank_prompt.
         -> the attention's output (B, T, dim) and this layer's part for rank_prompt."""
         q, k, v = self.project(x)  # q (B, Hkv, G, T, D), k and v (B, Hkv, T, D)
         q_rot, k_rot = self.rope(q, angles), self.rope(k, angles)  # a fresh cache's slot ranks are the positions
-        o, policy = layer_cache.owner, layer_cache.policy
-        state = policies.token_state(policy, k, v, o.score_dtype)  # (B, Hkv, T) each
+        policy = layer_cache.policy
+        update = None
         if policy.scored:
             out, lse = kernels.causal_attention_lse(q_rot, k_rot, v)
-            B, Hkv, T = k.shape[0], k.shape[1], k.shape[2]
-            seen = (T - torch.arange(T, device=k.device)).expand(B, Hkv, T) if policy.mean else None  # rows i >= j
-            sums = kernels.column_sums(q_rot, k_rot, lse, weights)  # (B, Hkv, T)
-            state = policies.apply_update(policy, state, sums, (positions >= 0).sum(dim=-1), seen, o.alpha)
+            update = kernels.column_sums(q_rot, k_rot, lse, weights)  # (B, Hkv, T)
         else:
             out = reference.causal_attention(q_rot, k_rot, v)
-        return self.output(out), Prompt(layer_cache, k if layer_cache.rotate_on_read else k_rot, v, state)
+        state = policies.token_state(policy, k, v, layer_cache.owner.score_dtype)  # (B, Hkv, T) each
+        return self.output(out), Prompt(layer_cache, k if layer_cache.rotate_on_read else k_rot, v, state, update)
 
 
 class MLP(reference.MLP):
@@ -135,14 +134,16 @@ class Transformer(reference.Transformer):
         """The prompt's twin (Attention.prompt for each layer, then rank_prompt for groups of layers)."""
         positions = cache.positions(tokens.shape[1])  # (B, T)
         x, angles = self.embed(tokens, positions), self.angles(positions)
-        weights = policies.row_weights(cache.policy, positions, positions.amax(dim=-1), alpha=cache.alpha)  # (B, T)
+        weights = None
+        if cache.policy.scored:  # each row's weight in the score update, the same for every layer
+            weights = policies.row_weights(cache.policy, positions, positions.amax(dim=-1), alpha=cache.alpha)  # (B, T)
         waiting = []
         for block, layer_cache in zip(self.layers, cache.layers):
             out, entry = block.attn.prompt(block.attn_norm(x), positions, angles, layer_cache, weights)
             x = x + out
             x = x + block.mlp(block.mlp_norm(x))
             waiting.append(entry)
-            if sum(e.nbytes for e in waiting) >= PENDING_BYTES:
+            if len(waiting) * entry.nbytes >= PENDING_BYTES:  # every layer's part is as large
                 rank_prompt(cache, waiting, positions)
                 waiting = []
         rank_prompt(cache, waiting, positions)
