@@ -15,3 +15,12 @@ bench)
   timeout ${3:-280} python bench.py --plan $2 --no-hf --weights random --out $OUT/r/new-$2.json 2>&1 | quiet | grep "^|\|^#\|Error" | grep -v "^|--" | tee $OUT/r/new-$2.log
   ;;
 esac
+# probe: scripts/host_probe.py for old/ and this checkout (wall, kernels, host ops of one prefill / streaming call)
+if [ "$1" = probe ]; then
+  timeout 120 python scripts/host_probe.py old 2>&1 | quiet > $OUT/r/probe-old.log
+  timeout 120 python scripts/host_probe.py . 2>&1 | quiet > $OUT/r/probe-new.log
+  grep "^##" $OUT/r/probe-old.log $OUT/r/probe-new.log
+fi
+if [ "$1" = new ]; then  # bench PLAN for this checkout only
+  timeout ${3:-280} python bench.py --plan $2 --no-hf --weights random --out $OUT/r/new-$2.json 2>&1 | quiet | grep "^|\|^#\|Error" | grep -v "^|--" | tee $OUT/r/new-$2.log
+fi
