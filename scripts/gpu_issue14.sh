@@ -24,3 +24,8 @@ fi
 if [ "$1" = new ]; then  # bench PLAN for this checkout only
   timeout ${3:-280} python bench.py --plan $2 --no-hf --weights random --out $OUT/r/new-$2.json 2>&1 | quiet | grep "^|\|^#\|Error" | grep -v "^|--" | tee $OUT/r/new-$2.log
 fi
+if [ "$1" = row ]; then  # one 7B row (memory): old/ then this checkout
+  shift
+  (cd old && timeout 150 python bench.py --no-hf --weights random --models llama7b --batches 1 --long "" "$@" --out $OUT/r/old-row.json 2>&1 | quiet | grep "^| llama\|Error")
+  timeout 150 python bench.py --no-hf --weights random --models llama7b --batches 1 --long "" "$@" --out $OUT/r/new-row.json 2>&1 | quiet | grep "^| llama\|Error"
+fi
