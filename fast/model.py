@@ -126,13 +126,6 @@ class Transformer(reference.Transformer):
             x = block_fn(block, x, positions, angles, layer_cache)
         return self.head(x)
 
-    @staticmethod
-    def prompt_block(block, x, positions, angles, layer_cache, weights):
-        """model.Block.forward with the prompt's twin of attention -> x (B, T, dim) and the layer's part."""
-        out, part = block.attn.prompt(block.attn_norm(x), positions, angles, layer_cache, weights)
-        x = x + out
-        return x + block.mlp(block.mlp_norm(x)), part
-
     def prompt_applies(self, cache) -> bool:
         """Whether the prompt's twin runs: a policy with no scores, or the kernels for its scores."""
         return not cache.policy.scored or kernels.prefill_available(self.device, self.dtype, cache.policy, self.cfg)
@@ -145,13 +138,15 @@ class Transformer(reference.Transformer):
         if cache.policy.scored:  # each row's weight in the score update, the same for every layer
             weights = policies.row_weights(cache.policy, positions, positions.amax(dim=-1), alpha=cache.alpha)  # (B, T)
         waiting = []
-        for block, layer_cache in zip(self.layers, cache.layers):
-            x, part = self.prompt_block(block, x, positions, angles, layer_cache, weights)
+        for block, layer_cache in zip(self.layers, cache.layers):  # model.Block.forward, with the prompt's attention
+            out, part = block.attn.prompt(block.attn_norm(x), positions, angles, layer_cache, weights)
+            x, out = x + out, None
             waiting.append(part)
             if len(waiting) * part.nbytes >= PENDING_BYTES:  # every layer's part is as large
-                rank_prompt(cache, waiting, positions)
+                rank_prompt(cache, waiting, positions)  # before the MLP: its keys and values are freed first
                 waiting = []
-            part = None  # a ranked layer's keys and values are freed now, not held through the next layer
+            part = None
+            x = x + block.mlp(block.mlp_norm(x))
         rank_prompt(cache, waiting, positions)
         return self.head(x)
 
