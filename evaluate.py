@@ -64,7 +64,7 @@ import fast
 import generate
 import simulate
 from model import attend
-from policies import POLICY_NAMES, Policy, aggregate_heads, make_policy
+from policies import REGISTRY, Policy, aggregate_heads, make_policy
 
 SINKS = 4  # StreamingLLM's number of attention sinks; VATP's default and the `+sink` variants use it
 SPLIT_OF = {"sink": "window", "vatp": "h2o"}  # how a policy splits what its sinks leave of the budget
@@ -78,8 +78,8 @@ RESULTS = Path("results")
 def parse_variant(variant: str) -> tuple[str, bool, float | None]:
     """'h2o+sink' -> ('h2o', True, None); 'a2sf@0.1' -> ('a2sf', False, 0.1)."""
     m = re.fullmatch(r"([a-z0-9_]+)(\+sink)?(?:@([0-9.]+))?", variant)
-    if not m or m[1] not in POLICY_NAMES:
-        raise ValueError(f"unknown policy {variant!r}: use one of {', '.join(POLICY_NAMES)}, optionally with +sink "
+    if not m or m[1] not in REGISTRY:  # the built-in policies and any registered since (exercise 07)
+        raise ValueError(f"unknown policy {variant!r}: use one of {', '.join(REGISTRY)}, optionally with +sink "
                          "(4 sinks) or @ALPHA (forgetting factor), e.g. h2o+sink, a2sf@0.1")
     return m[1], bool(m[2]), None if m[3] is None else float(m[3])
 
@@ -494,11 +494,11 @@ def ideal_keys(model, tokens, k: int, gqa: str) -> list[torch.Tensor]:
     B, T = tokens.shape
     pos = torch.arange(T, device=tokens.device).expand(B, T)
     causal = (pos[:, None, :] <= pos[:, :, None])[:, None].expand(B, model.cfg.n_kv_heads, T, T)  # (B, Hkv, T, T)
-    x, out = model.embed(tokens, pos), []
+    x, out, angles = model.embed(tokens, pos), [], model.angles(pos)
     for block in model.layers:
         attn = block.attn
         q, k_, v = attn.project(block.attn_norm(x))
-        q, k_ = attn.rope(q, pos), attn.rope(k_, pos)
+        q, k_ = attn.rope(q, angles), attn.rope(k_, angles)
         o, probs = attend(q, k_, v, causal, need_probs=True)  # probs (B, Hkv, G, T, T)
         A = aggregate_heads(probs, gqa).masked_fill(~causal, -1.0)  # (B, Hkv, T, T)
         out.append(A.topk(min(k, T), dim=-1).indices)
@@ -519,7 +519,7 @@ def seen_masks(model, tokens, policy, budget, setup: Setup, tick=lambda n: None)
         return
     if setup.mode != "streaming" or setup.chunk != 1:
         raise ValueError("mask-sim records what each row saw, row by row: use --mode streaming --chunk 1 (or --method masked)")
-    cache = make_cache(model.cfg, policy, budget, setup, B, T, None, tokens.device, model.dtype)
+    cache = make_cache(model, policy, budget, setup, B, T, None)
     spans = call_spans(policy, budget, setup, T)
     onehot = torch.eye(T, dtype=torch.bool, device=tokens.device)
     for s, e in spans:
@@ -896,7 +896,9 @@ def run(args, model=None, tok=None):
         if not args.reference:  # the speed twins (fast/): the same tokens kept, the same log-likelihoods
             model = fast.enable(model)
     if (args.compile or args.graph) and not isinstance(model, fast.model.Transformer):
-        raise ValueError("--compile and --graph run the fast path: drop --reference")
+        if args.reference:
+            raise ValueError("--compile and --graph run the fast path: drop --reference")
+        model = fast.enable(copy.deepcopy(model))  # a caller's reference model stays as it is
     if args.command == "suite":
         return run_suite(args, model, tok)
     setup = Setup(mode=args.mode, chunk=args.chunk, positions=args.positions, method=args.method, compile=args.compile,

@@ -27,16 +27,13 @@ import torch
 
 import data
 import evaluate
-from cache import KVCache
 
 POLICIES = "window,sink,h2o,a2sf,vatp,tova"
 
 
 def new_cache(model, policy, budget, **kw):
-    """The cache that goes with the model: fast.KVCache when its speed twins are on (evaluate.cache_class),
-    else the reference cache.KVCache; the same tokens are kept either way."""
-    cls = evaluate.cache_class(model) if hasattr(evaluate, "cache_class") else KVCache
-    return cls(model.cfg, policy, budget, device=model.device, dtype=model.dtype, **kw)
+    """The cache that goes with the model (evaluate.cache_class): the same tokens are kept either way."""
+    return evaluate.cache_class(model)(model.cfg, policy, budget, device=model.device, dtype=model.dtype, **kw)
 
 
 def text_tokens(tok, args) -> tuple[str, list[int]]:

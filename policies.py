@@ -20,10 +20,15 @@ budget with the highest priority (ties: the oldest token goes first).
     window, sink, full, random: no scores (positions or a seeded hash decide).
 
 A policy of your own is either new parameters of that form, or a per-token score computed from
-what the cache stores: `Policy(score_fn=f)`, f(keys, values, positions) -> (..., S), higher kept
-(the key norm of exercise 07 is `lambda k, v, p: -k.norm(dim=-1)`); add it to REGISTRY and every
-path (the cache, its fast twins, the masked simulation) ranks by it, because they all call
-`priority` below.
+what the cache stores, one function and one registry line (exercise 07):
+
+    def keynorm(keys, values, positions):   # (..., S, D), (..., S, D), (..., S) -> (..., S), higher kept
+        return -keys.float().norm(dim=-1)   # Devoto et al. 2024: low key norms get the attention
+    REGISTRY["keynorm"] = ("keep the lowest key norms", lambda budget: dict(scored=False, score_fn=keynorm))
+
+Every path (the cache, its fast twins, the masked simulation) ranks by it, because they all call
+`priority` below. (Give a named function: policies are compared by value, a function by identity,
+so a lambda made anew for each policy would make two equal policies differ.)
 
 The per-token state a policy needs is declared by `token_state` (its running score, H2O-mean's
 row counts, VATP's ||v||_1): the cache stores whatever it returns, slot by slot, and knows none of

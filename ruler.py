@@ -50,8 +50,6 @@ import torch
 
 import data
 import evaluate
-from cache import KVCache
-from policies import make_policy
 
 WONDERWORDS = ("wonderwords", "3.0.1")  # MIT; word lists in wonderwords/assets/*.txt
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -342,22 +340,6 @@ def score(pred: str, refs: list[str]) -> float:
 
 # -- running the tasks through the cache ----------------------------------------------------------
 
-def new_cache(model, policy, budget, **kw):
-    """The cache that goes with the model: fast.KVCache when its speed twins are on (evaluate.cache_class),
-    else the reference cache.KVCache; the same tokens are kept either way."""
-    cls = evaluate.cache_class(model) if hasattr(evaluate, "cache_class") else KVCache
-    return cls(model.cfg, policy, budget, device=model.device, dtype=model.dtype, **kw)
-
-
-def make_cache(model, policy, budget, setup, B: int, T: int, pad):
-    """As evaluate.make_cache: `full` when nothing can be evicted in T columns, else a prefill-mode cache
-    (its first call may be longer than a chunk)."""
-    kw = dict(batch=B, chunk=setup.chunk, positions=setup.positions, pad=pad)
-    if not evaluate.evicts(policy, budget, T):
-        return new_cache(model, make_policy("full", None), None, max_len=T, **kw)
-    return new_cache(model, policy, budget, mode="prefill", **kw)
-
-
 def feed_spans(policy, budget, setup, T: int, first: int, new_tokens: int) -> list[tuple[int, int]]:
     """The calls that feed a prompt of T columns: prefill, the first `first` columns (the whole prompt, or
     the context alone) in one call, then `chunk` per call; streaming: evaluate.call_spans."""
@@ -379,7 +361,7 @@ def answer(model, tok, samples: list[dict], variant: str, size, setup, setting: 
     budget = evaluate.budget_for(size, T)
     policy = evaluate.make_variant(variant, budget, setup.flags)
     first = T - (len(samples[0]["tokens"]) - samples[0]["context_len"]) if setting == "agnostic" else T
-    cache = make_cache(model, policy, budget, setup, B, T + new_tokens, pad)
+    cache = evaluate.make_cache(model, policy, budget, setup, B, T + new_tokens, pad)
     for s, e in feed_spans(policy, budget, setup, T, first, new_tokens):
         logits = model(tokens[:, s:e], cache)
         tick(1)
