@@ -282,7 +282,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled steady calls, a CUDA graph on a GPU (default: on with CUDA)")
-    p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager checks the wiring on a CPU)")
+    p.add_argument("--backend", default=None, help="torch.compile backend (default: inductor on CUDA, aot_eager on the CPU)")
     p.add_argument("--reference", action="store_true", help="the plain reference path (model.py, cache.py), no fast/")
     p.add_argument("--out", default="results/soak.json")
     p.add_argument("--json", action="store_true", help="print the JSON to stdout (the tables go to stderr)")

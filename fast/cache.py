@@ -19,15 +19,16 @@ import policies
 from policies import Tokens
 
 
-def evict_one(prio, pos, valid, budget):
+def evict_one(prio, pos, valid, budget, packed: bool | None = None):
     """The decode-step twin of cache.keep_top for one new token: at most one eviction per head,
     the lowest priority, the oldest among equals. No sort. A test holds it equal to keep_top.
 
-    fp32 priorities: one argmin over the pair (priority, position) packed in one int64 key, a
-    single pass over the slots (the float's bits, negatives flipped, order as the floats do;
-    positions of kept tokens are in [0, 2^32)). Other dtypes: the minimum, then the oldest there."""
+    fp32 on CUDA: one argmin over the pair (priority, position) packed in one int64 key, a single
+    pass over the slots (the float's bits, negatives flipped, order as the floats do; positions of
+    kept tokens are in [0, 2^32)). Elsewhere: the minimum, then the oldest there (two passes, no
+    bit tricks: the CPU gains nothing from one pass). packed: force either way (tests)."""
     over = valid.sum(dim=-1, keepdim=True) > budget  # (B, H, 1)
-    if prio.dtype == torch.float32:
+    if packed if packed is not None else (prio.dtype == torch.float32 and prio.is_cuda):
         bits = (prio + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
         ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # float order as integers
         key = torch.where(valid, (ordered << 32) + pos, torch.iinfo(torch.int64).max)  # empty slots: no candidates

@@ -231,11 +231,12 @@ def test_keynorm_prompt_twin_ranks_a_long_prompt_by_norm_not_as_a_window():
 
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), S=st.integers(2, 12), budget=st.integers(1, 11), ties=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
-def test_evict_one_equals_keep_top(seed, S, budget, ties, dtype):
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]), packed=st.booleans())
+def test_evict_one_equals_keep_top(seed, S, budget, ties, dtype, packed):
     """The decode-step twin (one eviction, no sort) keeps exactly what the general rule keeps,
     under its precondition (at most budget + 1 held): fp32 through its packed (priority, position)
-    key, other dtypes through min-then-oldest; ties, -0.0 against 0.0, +inf and -inf included."""
+    key (CUDA's path, forced here) or min-then-oldest (the CPU's and other dtypes'); ties, -0.0
+    against 0.0, +inf and -inf included."""
     g = torch.Generator().manual_seed(seed)
     prio = (torch.rand(2, 3, S, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)  # negatives too
     if ties:
@@ -247,7 +248,7 @@ def test_evict_one_equals_keep_top(seed, S, budget, ties, dtype):
     valid = torch.rand(2, 3, S, generator=g) < 0.9
     valid &= valid.long().cumsum(-1) <= budget + 1  # the precondition
     prio = torch.where(valid, prio, float("-inf"))
-    got = fast_cache.evict_one(prio, pos, valid, budget)
+    got = fast_cache.evict_one(prio, pos, valid, budget, packed=packed and dtype == torch.float32)
     assert torch.equal(got, cache_mod.keep_top(prio, pos, valid, budget))
     # and against the rule written here: drop the lowest priority, the oldest among equals
     for b in range(2):
