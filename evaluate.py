@@ -63,6 +63,7 @@ import data
 import fast
 import generate
 import simulate
+import sweep
 from model import attend
 from policies import REGISTRY, Policy, aggregate_heads, make_policy
 
@@ -322,22 +323,31 @@ def run_ppl(model, tok, args, setup: Setup) -> list[dict]:
     total = sum(len(call_spans(p, budget_for(s, N), setup, N)) for _, s, p in plans) * len(batches)
     if args.dry_run:
         return [{"calls": total}]
+
+    policy_of = {(v, size): policy for v, size, policy in plans}
+
+    def compute(cell, bar):  # a cell (sweep.py): one policy and size on every text
+        nll = torch.cat([-token_logprobs(model, torch.tensor(rows_, device=model.device), policy_of[cell], budget_for(cell[1], N),
+                                         setup, tick=bar.update) for rows_ in batches]).cpu()  # (texts, N - 1)
+        free_memory()
+        return nll.tolist()
+
+    done = sweep.run(args.out, sweep.config_of(args), "ppl", list(policy_of), compute,
+                     lambda c: len(call_spans(policy_of[c], budget_for(c[1], N), setup, N)) * len(batches))
+    if done is None:  # another rank of a sweep: rank 0 writes the file
+        return None
     results = []
-    with progress(total, "ppl") as bar:
-        for v, size, policy in plans:
-            budget = budget_for(size, N)
-            t0 = time.perf_counter()
-            nll = torch.cat([-token_logprobs(model, torch.tensor(rows_, device=model.device), policy, budget, setup,
-                                             tick=bar.update) for rows_ in batches]).cpu()  # (texts, N - 1)
-            free_memory()
-            W = args.window
-            results.append(dict(
-                policy=v, size=size and dict([size]), budget=budget, tokens=N, texts=names,
-                ppl=math.exp(nll.mean()), per_text={n: math.exp(x.mean()) for n, x in zip(names, nll)}, window=W,
-                window_end=[min(s + W, N - 1) for s in range(0, N - 1, W)],
-                window_ppl=[math.exp(nll[:, s:s + W].mean()) for s in range(0, N - 1, W)],
-                seconds=time.perf_counter() - t0, policy_fields=asdict(policy)))
-            say(f"ppl {v} budget {budget_label(budget)}: {results[-1]['ppl']:.2f}")
+    for v, size, policy in plans:
+        budget = budget_for(size, N)
+        nll = torch.tensor(done[v, size]["result"], dtype=torch.float32)  # (texts, N - 1)
+        W = args.window
+        results.append(dict(
+            policy=v, size=size and dict([size]), budget=budget, tokens=N, texts=names,
+            ppl=math.exp(nll.mean()), per_text={n: math.exp(x.mean()) for n, x in zip(names, nll)}, window=W,
+            window_end=[min(s + W, N - 1) for s in range(0, N - 1, W)],
+            window_ppl=[math.exp(nll[:, s:s + W].mean()) for s in range(0, N - 1, W)],
+            seconds=done[v, size]["seconds"], policy_fields=asdict(policy)))
+        say(f"ppl {v} budget {budget_label(budget)}: {results[-1]['ppl']:.2f}")
     return results
 
 
@@ -455,23 +465,38 @@ def run_mc(model, tok, args, setup: Setup, docs_by_task: dict[str, list[dict]] |
     total = sum(mc_calls(requests, v, s, setups[m], args) for v, s in runs for m in methods)
     if args.dry_run:
         return [{"calls": total}]
+    n_docs = max((len(d) for d in docs_by_task.values()), default=0)
+    step = getattr(args, "cell_docs", None) or max(n_docs, 1)  # a cell (sweep.py): a policy and size on docs lo..hi of every task
+    in_slice = {(lo, lo + step): [i for i, r in enumerate(requests) if lo <= r.doc < lo + step] for lo in range(0, n_docs, step)}
+    part = {sl: [requests[i] for i in rows] for sl, rows in in_slice.items()}
+
+    def compute(cell, bar):
+        v, size, sl = cell
+        return {m: loglikelihoods(model, part[sl], v, size, setups[m], args, bar).tolist() for m in methods}
+
+    cells = [(v, size, sl) for v, size in runs for sl in in_slice]
+    done = sweep.run(args.out, sweep.config_of(args), "mc", cells, compute,
+                     lambda c: sum(mc_calls(part[c[2]], c[0], c[1], setups[m], args) for m in methods))
+    if done is None:  # another rank of a sweep: rank 0 writes the file
+        return None
     results = []
-    with progress(total, "mc") as bar:
-        for v, size in runs:
-            t0 = time.perf_counter()
-            lls = {m: loglikelihoods(model, requests, v, size, setups[m], args, bar) for m in methods}
-            seconds = time.perf_counter() - t0
-            for task, docs in docs_by_task.items():
-                mine = [i for i, r in enumerate(requests) if r.task == task]
-                row = dict(task=task, variant=args.variant, policy=v, size=size and dict([size]),
-                           method=setup.method, seconds=seconds, **accuracy(docs, per_doc(lls[methods[0]], requests, mine)))
-                if setup.method == "both":
-                    masked = accuracy(docs, per_doc(lls["masked"], requests, mine))
-                    row.update(acc_masked=masked["acc"], acc_norm_masked=masked["acc_norm"],
-                               max_abs_ll_diff=float(np.abs(lls["real"][mine] - lls["masked"][mine]).max()),
-                               same_predictions=masked["pred"] == row["pred"] and masked["pred_norm"] == row["pred_norm"])
-                results.append(row)
-                say(f"{task} {v} {size_label(size)}: acc {row['acc']:.3f} acc_norm {row['acc_norm']:.3f}")
+    for v, size in runs:
+        lls = {m: np.zeros(len(requests)) for m in methods}
+        for sl in in_slice:
+            for m in methods:
+                lls[m][in_slice[sl]] = done[v, size, sl]["result"][m]
+        seconds = sum(done[v, size, sl]["seconds"] for sl in in_slice)
+        for task, docs in docs_by_task.items():
+            mine = [i for i, r in enumerate(requests) if r.task == task]
+            row = dict(task=task, variant=args.variant, policy=v, size=size and dict([size]),
+                       method=setup.method, seconds=seconds, **accuracy(docs, per_doc(lls[methods[0]], requests, mine)))
+            if setup.method == "both":
+                masked = accuracy(docs, per_doc(lls["masked"], requests, mine))
+                row.update(acc_masked=masked["acc"], acc_norm_masked=masked["acc_norm"],
+                           max_abs_ll_diff=float(np.abs(lls["real"][mine] - lls["masked"][mine]).max()),
+                           same_predictions=masked["pred"] == row["pred"] and masked["pred_norm"] == row["pred_norm"])
+            results.append(row)
+            say(f"{task} {v} {size_label(size)}: acc {row['acc']:.3f} acc_norm {row['acc_norm']:.3f}")
     return results
 
 
@@ -812,6 +837,8 @@ def parser() -> argparse.ArgumentParser:
     s = add("mc", run_mc, "multiple-choice accuracy (lm-eval style)", default_policies="full,window,h2o,a2sf")
     s.add_argument("--tasks", dest="task_list", type=_list(str), default=["arc_easy"], help=", ".join(data.MC_TASKS))
     s.add_argument("--variant", default="rc_0shot", help="rc_0shot, rc_5shot, ...")
+    s.add_argument("--cell-docs", type=int, default=None,
+                   help="documents of each task per work cell (default all): finer resume and sharding (sweep.py)")
     s = add("alpha", run_alpha, "A2SF's alpha sweep against H2O and H2O-mean", default_policies="")
     s.add_argument("--task", default="piqa", help="a task, or comma-separated tasks (one panel each)")
     s.add_argument("--variant", default="rc_0shot")
@@ -874,6 +901,10 @@ def run(args, model=None, tok=None):
         if value is not None and value < least:
             raise ValueError(f"--{flag.replace('_', '-')} {value}: use a number >= {least}")
     args.policy_list = args.policies or ([args.policy] if args.policy else _list(str)(args.default_policies))
+    sweep.init()  # under torchrun: the ranks share each command's cells (sweep.py)
+    if not args.out and not args.dry_run:  # one name for every rank: rank 0's time
+        stamp = sweep.shared(time.strftime("%Y%m%d-%H%M%S"))
+        args.out = str(RESULTS / (f"suite-{stamp}" if args.command == "suite" else f"{args.command}-{stamp}.json"))
     for v in args.policy_list:
         parse_variant(v)  # one-line errors before the slow load
     if args.mode == "prefill" and args.command in ("ppl", "mask-sim"):
@@ -907,6 +938,8 @@ def run(args, model=None, tok=None):
     results = args.func(model, tok, args, setup)
     if args.dry_run:
         return results[0]["calls"]
+    if results is None:  # another rank of a sweep: rank 0 writes the file
+        return None
     return save(args.command, args, results, time.perf_counter() - t0,
                 dict(model=args.model or "SmolLM2-135M-Instruct (default)", device=str(model.device), dtype=str(model.dtype)))
 
@@ -933,7 +966,7 @@ def run_suite(args, model, tok):
         estimate, left = calls * ms / 1000, args.time_budget - spent
         line = dict(stage=stage, argv=argv, calls=calls, estimate_s=round(estimate, 1))
         print(f"suite: {stage}: {calls} calls, ~{estimate:.0f} s at {ms:.0f} ms/call ({left:.0f} s left)", file=sys.stderr)
-        if estimate > left:
+        if sweep.shared(estimate > left):  # rank 0's measure decides for every rank
             print(f"suite: {stage} skipped: it would overrun --time-budget", file=sys.stderr)
             summary.append({**line, "skipped": True})
             continue
@@ -947,11 +980,15 @@ def run_suite(args, model, tok):
         spent = time.perf_counter() - t_start
         if "--method" not in argv and argv[0] != "mask-sim":  # masked runs cost far more per call: not a rate for others
             timed = [timed[0] + seconds, timed[1] + calls]
+        if path is None:  # another rank of a sweep: rank 0 plots and sums up
+            continue
         summary.append({**line, "seconds": round(seconds, 1), "ms_per_call": round(1000 * seconds / max(calls, 1), 1),
                         "file": str(path), "png": str(plot_file(path))})
     if args.dry_run:
         print(f"suite: ~{spent:.0f} s", file=sys.stderr)
         return sum(s["calls"] for s in summary if not s.get("skipped"))
+    if not sweep.is_main():
+        return None
     folder.mkdir(parents=True, exist_ok=True)
     accuracy_files = [folder / f"{s}.json" for s in ("mc", "ratios") if (folder / f"{s}.json").exists()]
     if len(accuracy_files) > 1:  # accuracy against the cache ratio: the main stage's 0.2 with the sweep's others
@@ -972,6 +1009,8 @@ def main(argv=None, model=None, tok=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # LoadError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if out is None:  # another rank of a sweep: rank 0 wrote the file
+        return 0
     if args.command == "plot" or args.dry_run:
         print(*out, sep="\n") if args.command == "plot" else print(f"{out} model calls")
     elif args.json:

@@ -1,0 +1,112 @@
+"""Sweeps over processes (sweep.py through evaluate.py) on the CPU: a tiny model, gloo, two processes.
+
+The results file of a sweep sharded over two processes equals the one-process file; a run killed
+hard (os._exit, mid-cell) keeps the cells it finished, and a rerun of the same command, on two
+processes, computes only the rest and gives the same file again. Times and the output path aside,
+"equal" is exact: every figure is built from the cells as written.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import tiny_model
+from test_evaluate import FAKE_DOCS, CharTokenizer
+
+import data
+import evaluate
+import sweep
+
+ARGV = ["mc", "--tasks", "copa,piqa", "--policies", "full,h2o,a2sf", "--ratios", "0.3,0.6", "--cell-docs", "2"]
+N_CELLS = (1 + 2 + 2) * 2  # (full, h2o x 2 ratios, a2sf x 2 ratios) x 2 slices of the 3 docs
+
+
+def _setup():
+    torch.set_num_threads(1)
+    data.mc_task = lambda task, variant="rc_0shot": json.loads(json.dumps(FAKE_DOCS))
+    return tiny_model("tiny-llama"), CharTokenizer()
+
+
+def _main(out, model, tok):
+    assert evaluate.main([*ARGV, "--out", str(out)], model, tok) == 0
+
+
+def _rank(rank, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        _main(out, *_setup())
+    finally:
+        dist.destroy_process_group()
+
+
+def _killed(out, after):
+    """One process that dies hard (no cleanup) inside its cell number `after` + 1."""
+    model, tok = _setup()
+    real, seen = evaluate.loglikelihoods, []
+
+    def dying(*args, **kwargs):
+        seen.append(1)
+        if len(seen) > after:
+            os._exit(9)
+        return real(*args, **kwargs)
+
+    evaluate.loglikelihoods = dying
+    _main(out, model, tok)
+
+
+def _two_ranks(tmp_path, out):
+    mp.spawn(_rank, args=(str(tmp_path / f"store-{out.stem}"), str(out)), nprocs=2, join=True)
+
+
+def _figures(path):
+    """The results file without what differs between equal runs: times and the file's own name."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in ("seconds", "created", "out")}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+    return strip(json.loads(path.read_text()))
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "mc.json"
+    real = data.mc_task
+    try:
+        _main(out, *_setup())
+    finally:
+        data.mc_task = real
+    return out
+
+
+def test_sharded_sweep_equals_one_process(tmp_path, one_process):
+    out = tmp_path / "mc.json"
+    _two_ranks(tmp_path, out)
+    assert _figures(out) == _figures(one_process)
+    assert len(list(out.with_suffix(".cells").glob("*.json"))) == N_CELLS
+
+
+def test_killed_run_rerun_gives_the_same_file(tmp_path, one_process):
+    out = tmp_path / "mc.json"
+    p = mp.get_context("spawn").Process(target=_killed, args=(str(out), 3))
+    p.start()
+    p.join()
+    assert p.exitcode == 9
+    cells = out.with_suffix(".cells")
+    kept = {c: c.stat().st_mtime_ns for c in cells.glob("*.json")}
+    assert len(kept) == 3 and not out.exists()  # the finished cells, whole; no results file yet
+    (cells / ".half-written.json.1234.tmp").write_text('{"cell": ')  # what a kill mid-write leaves: ignored
+    _two_ranks(tmp_path, out)  # the same command again, now on two processes
+    assert _figures(out) == _figures(one_process)
+    assert {c: c.stat().st_mtime_ns for c in kept} == kept  # the finished cells were not computed again
+    assert len(list(cells.glob("*.json"))) == N_CELLS
+
+
+def test_cell_names():
+    cfg = {"policy_list": ["h2o"], "limit": 3}
+    a = sweep.cell_path(Path("x"), cfg, ("h2o", ("ratio", 0.2), (0, 2)))
+    assert a.name.startswith("h2o_ratio_0.2_0_2-") and a.suffix == ".json"
+    assert sweep.cell_path(Path("x"), {**cfg, "limit": 4}, ("h2o", ("ratio", 0.2), (0, 2))) != a  # another command
