@@ -61,6 +61,7 @@ class Call:
     slots: torch.Tensor  # (B, Hkv, T) where the new tokens went
     pos: torch.Tensor  # (B, Hkv, S) text position of each slot
     valid: torch.Tensor  # (B, Hkv, S) whether the slot holds a token
+    window: int = 0  # sliding-window attention (model.Config.window): rows see only the last `window` positions
     sums: dict = field(default_factory=dict)  # "update", "seen": (B, Hkv, S) summed over the rows observed
 
     @property
@@ -69,9 +70,12 @@ class Call:
         return self.q_pos.amax(dim=-1)
 
     def mask(self, r0: int, r1: int) -> torch.Tensor:
-        """(B, Hkv, r1 - r0, S): rows r0..r1 see held keys at or before their own position."""
+        """(B, Hkv, r1 - r0, S): rows r0..r1 see held keys at or before their own position
+        (and, with a window, after their position - window)."""
         q = self.q_pos[:, r0:r1]  # (B, R)
         causal = self.pos[:, :, None, :] <= q[:, None, :, None]  # (B, Hkv, R, S)
+        if self.window:
+            causal &= self.pos[:, :, None, :] > q[:, None, :, None] - self.window
         own = self.slots[:, :, r0:r1, None] == torch.arange(self.pos.shape[-1], device=q.device)  # its own slot:
         return (self.valid[:, :, None, :] & causal) | own  # a padding row sees itself, so softmax is defined
 
@@ -145,7 +149,7 @@ class LayerCache:
             order = torch.where(self.valid, self.pos, big).argsort(dim=-1, stable=True)
             rank = torch.empty_like(order).scatter_(-1, order, torch.arange(self.capacity, device=k.device).expand_as(order))
             key_pos, query_pos = rank, rank.gather(-1, slots)
-        call = Call(self.k, self.v, key_pos, query_pos, positions, slots, self.pos, self.valid)
+        call = Call(self.k, self.v, key_pos, query_pos, positions, slots, self.pos, self.valid, self.owner.cfg.window)
         if self.policy.scored:
             call.sums["update"] = torch.zeros(B, H, self.capacity, device=k.device, dtype=self.owner.score_dtype)
         if self.policy.mean:
@@ -161,14 +165,17 @@ class LayerCache:
             call.sums["seen"] += policies.seen_counts(mask, q_pos)
 
     def evict(self, call: Call) -> None:
-        """After the call's attention: finish the policy's update, then keep the `budget` highest
-        priority tokens of each head (policies.priority, keep_top)."""
+        """After the call's attention: finish the policy's update, drop the keys that fell out of a
+        sliding window (no later row can see them), then keep the `budget` highest priority tokens
+        of each head (policies.priority, keep_top)."""
         o = self.owner
         if self.policy.scored:
             n_rows = (call.q_pos >= 0).sum(dim=-1)  # (B,)
             new = policies.apply_update(self.policy, self.state, call.sums["update"], n_rows, call.sums.get("seen"), o.alpha)
             for name, t in new.items():
                 self.state[name].copy_(t)
+        if o.cfg.window:  # the next row, at newest + 1, sees positions after newest + 1 - window
+            self.valid &= self.pos > (call.newest + 1 - o.cfg.window)[:, None, None]
         if self.policy.keep_all:
             return
         prio = policies.priority(self.policy, self.tokens(), call.newest, self.layer, o.n_sinks, o.recents)

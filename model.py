@@ -31,6 +31,22 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """How rotary frequencies are stretched for contexts past pretraining (rope_frequencies)."""
+
+    kind: str = "default"  # "default", "linear", "llama3", "yarn", or "factors" (llama.cpp's rope_freqs tensor)
+    factor: float = 1.0  # how much longer a context than in pretraining
+    original_max: int = 0  # the pretraining context (llama3, yarn)
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn: rotations over the pretraining context where interpolation stops ...
+    beta_slow: float = 1.0  # ... and where it is complete
+    attention_factor: float = 0.0  # yarn: cos and sin scaled by it; 0: 0.1 ln(factor) + 1
+    truncate: bool = True  # yarn: the ramp's ends rounded to whole dimensions
+    divisors: tuple = ()  # factors: each inverse frequency divided by its own (D/2 floats)
+
+
+@dataclass(frozen=True)
 class Config:
     arch: str = "llama"  # "llama" (RMSNorm, RoPE, SwiGLU) or "opt" (LayerNorm, learned positions, ReLU)
     vocab_size: int = 32000
@@ -45,6 +61,10 @@ class Config:
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     bias: bool = False  # biases on attention and MLP projections (OPT)
+    qkv_bias: bool = False  # biases on the q, k, v projections only (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head of q and k, before rotation (Qwen3)
+    window: int = 0  # sliding-window attention: row i sees keys i - window < j <= i (Mistral); 0: all before it
+    rope_scaling: RopeScaling = RopeScaling()
 
     def __post_init__(self):
         if self.arch not in ("llama", "opt"):
@@ -53,6 +73,8 @@ class Config:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.rope_scaling.kind not in ("default", "linear", "llama3", "yarn", "factors"):
+            raise ValueError(f"unknown rope scaling {self.rope_scaling.kind!r}: use linear, llama3 or yarn")
 
     @property
     def group(self) -> int:
@@ -108,20 +130,45 @@ def make_norm(cfg: Config) -> nn.Module:
     return RMSNorm(cfg.dim, cfg.norm_eps) if cfg.arch == "llama" else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
 
-def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float):
+def rope_frequencies(cfg: Config, device=None) -> tuple[torch.Tensor, float]:
+    """The rotary inverse frequencies (D/2,) fp32 of a config, its scaling applied, and the factor
+    cos and sin are multiplied by (1 but for yarn). Every rotary call takes its angles from here."""
+    D, s = cfg.head_dim, cfg.rope_scaling
+    inv_freq = cfg.rope_theta ** (-torch.arange(0, D, 2, device=device, dtype=torch.float32) / D)  # RoFormer Eq. 15
+    if s.kind == "linear":  # position interpolation (Chen et al. 2023, arXiv 2306.15595, Eq. 2): pos / factor
+        return inv_freq / s.factor, 1.0
+    if s.kind == "factors":  # llama.cpp's rope_freqs.weight: Llama 3's scaling, precomputed per frequency
+        return inv_freq / torch.tensor(s.divisors, device=device, dtype=torch.float32), 1.0
+    if s.kind == "llama3":  # Llama 3.1 (arXiv 2407.21783; Meta's apply_scaling): long waves / factor, short kept
+        wavelen = 2 * math.pi / inv_freq
+        keep = ((s.original_max / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)).clamp(0, 1)
+        return (1 - keep) * inv_freq / s.factor + keep * inv_freq, 1.0  # keep: 0 long waves, 1 short, a ramp between
+    if s.kind == "yarn":  # YaRN (Peng et al. 2023, arXiv 2309.00071, Eq. 18-21): "NTK-by-parts", then scale
+        def dim_of(rotations):  # the dimension that turns `rotations` times over the pretraining context
+            return D * math.log(s.original_max / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+        low, high = dim_of(s.beta_fast), dim_of(s.beta_slow)
+        if s.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, D - 1)
+        ramp = ((torch.arange(D // 2, device=device, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+        inv_freq = ramp * inv_freq / s.factor + (1 - ramp) * inv_freq  # ramp: 0 extrapolate (fast), 1 interpolate
+        return inv_freq, s.attention_factor or (0.1 * math.log(s.factor) + 1 if s.factor > 1 else 1.0)  # Eq. 22
+    return inv_freq, 1.0
+
+
+def rotary_angles(positions: torch.Tensor, cfg: Config):
     """cos and sin (B, H|1, T, D) fp32 of the rotary angles for positions (B, T) or (B, H, T).
 
     Rotate-half layout (RoFormer Eq. 34; the Hugging Face convention): dimension i pairs with
-    i + D/2, and both turn by angle pos * theta^(-2i/D). Checkpoints stored for the interleaved
-    (Meta / GGUF) layout have their Q and K rows permuted into this one by the loader.
+    i + D/2, and both turn by angle pos * inv_freq[i] (rope_frequencies). Checkpoints stored for
+    the interleaved (Meta / GGUF) layout have their Q and K rows permuted into this one by the loader.
     """
-    D = head_dim
-    inv_freq = theta ** (-torch.arange(0, D, 2, device=positions.device, dtype=torch.float32) / D)  # (D/2,)
+    inv_freq, scale = rope_frequencies(cfg, positions.device)  # (D/2,)
     if positions.dim() == 2:
         positions = positions[:, None, :]  # (B, 1, T): the same positions for every head
     angles = positions.float()[..., None] * inv_freq  # (B, H|1, T, D/2)
     angles = torch.cat([angles, angles], -1)  # (B, H|1, T, D): i and i + D/2 turn alike
-    return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -133,8 +180,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding of x (B, H, T, D) by positions (B, T) or (B, H, T), angles computed here."""
-    return apply_rotary(x, *rotary_angles(positions, x.shape[-1], theta))
+    """Rotary embedding of x (B, H, T, D) by positions (B, T) or (B, H, T), unscaled frequencies of base theta."""
+    D = x.shape[-1]
+    return apply_rotary(x, *rotary_angles(positions, Config(dim=D, n_heads=1, n_kv_heads=1, rope_theta=theta)))
 
 
 def attend(q, k, v, mask, need_probs: bool):
@@ -163,10 +211,17 @@ def attend(q, k, v, mask, need_probs: bool):
     return out.view(B, Hkv, G, T, D), None
 
 
-def causal_attention(q, k, v):
-    """No cache: the fused causal kernel. q (B, Hkv, G, T, D), k and v (B, Hkv, T, D)."""
+def causal_attention(q, k, v, window: int = 0):
+    """No cache: the fused causal kernel. q (B, Hkv, G, T, D), k and v (B, Hkv, T, D).
+    window > 0: row i sees only keys i - window < j <= i (sliding-window attention, Mistral)."""
     B, Hkv, G, T, D = q.shape
-    out = F.scaled_dot_product_attention(q.reshape(B, Hkv * G, T, D), k, v, is_causal=True, enable_gqa=True)
+    rows = q.reshape(B, Hkv * G, T, D)
+    if window and T > window:
+        i = torch.arange(T, device=q.device)
+        near = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)  # (T, T)
+        out = F.scaled_dot_product_attention(rows, k, v, attn_mask=near, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(rows, k, v, is_causal=True, enable_gqa=True)
     return out.view(B, Hkv, G, T, D)
 
 
@@ -178,22 +233,27 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, H * D, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.dim, Hkv * D, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.dim, Hkv * D, bias=cfg.bias)
+        self.wq = nn.Linear(cfg.dim, H * D, bias=cfg.bias or cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, Hkv * D, bias=cfg.bias or cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, Hkv * D, bias=cfg.bias or cfg.qkv_bias)
         self.wo = nn.Linear(H * D, cfg.dim, bias=cfg.bias)
+        if cfg.qk_norm:  # Qwen3: each head's q and k normalized (one weight of D, shared by the heads)
+            self.q_norm, self.k_norm = RMSNorm(D, cfg.norm_eps), RMSNorm(D, cfg.norm_eps)
 
     def project(self, x):
         """x (B, T, dim) -> q (B, Hkv, G, T, D), k and v (B, Hkv, T, D), before any rotation."""
         return self.heads(self.wq(x), self.wk(x), self.wv(x))
 
     def heads(self, q, k, v):
-        """q (B, T, H*D), k and v (B, T, Hkv*D) -> q (B, Hkv, G, T, D), k and v (B, Hkv, T, D)."""
+        """q (B, T, H*D), k and v (B, T, Hkv*D) -> q (B, Hkv, G, T, D), k and v (B, Hkv, T, D),
+        each head of q and k normalized where the config says so (qk_norm)."""
         cfg = self.cfg
         B, T, _ = q.shape
         q = q.view(B, T, cfg.n_kv_heads, cfg.group, cfg.head_dim).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, D)
         k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
     def output(self, out):
@@ -217,15 +277,14 @@ class Attention(nn.Module):
         or None (OPT). -> (B, T, dim)."""
         q, k, v = self.project(x)  # q (B, Hkv, G, T, D), k and v (B, Hkv, T, D)
         if layer_cache is None:  # no cache: plain causal attention over this call's rows
-            return self.output(causal_attention(self.rope(q, angles), self.rope(k, angles), v))
+            return self.output(causal_attention(self.rope(q, angles), self.rope(k, angles), v, self.cfg.window))
         if not layer_cache.rotate_on_read:  # original positions: keys are stored rotated
             q, k = self.rope(q, angles), self.rope(k, angles)
         call = layer_cache.update(k, v, positions)  # the new tokens enter; what the rows may attend to
         keys = call.keys  # (B, Hkv, S, D)
         if layer_cache.rotate_on_read:  # slot positions (StreamingLLM 3.2): rotate by rank in the cache, at read time
-            theta, D = self.cfg.rope_theta, self.cfg.head_dim
-            q = self.rope(q, rotary_angles(call.query_pos, D, theta))
-            keys = self.rope(keys, rotary_angles(call.key_pos, D, theta))
+            q = self.rope(q, rotary_angles(call.query_pos, self.cfg))
+            keys = self.rope(keys, rotary_angles(call.key_pos, self.cfg))
         B, Hkv, G, T, D = q.shape
         rows = max(1, min(T, ATTN_ELEMENTS // (B * Hkv * G * keys.shape[2])))  # rows per chunk: no T x S buffer
         outs = []
@@ -298,7 +357,7 @@ class Transformer(nn.Module):
 
     def angles(self, positions):
         """The rotary (cos, sin) (B, 1, T, D) of positions (B, T), once for every layer; None for OPT."""
-        return rotary_angles(positions, self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.rotary else None
+        return rotary_angles(positions, self.cfg) if self.cfg.rotary else None
 
     def head(self, x):
         """x (B, T, dim) -> logits (B, T, vocab)."""

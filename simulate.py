@@ -57,17 +57,21 @@ def masked_simulation(model, tokens: torch.Tensor, policy: Policy, budget: int |
         for s, e in calls:
             kept[..., s:e] = True  # the call's tokens enter the cache
             mask = kept[:, :, None, :] & (pos[None, :] <= pos[s:e, None])  # (B, Hkv, e-s, T) causal
+            if cfg.window:  # sliding window: row i sees i - window < j <= i
+                mask &= pos[None, :] > pos[s:e, None] - cfg.window
             qc, kc = q[..., s:e, :], k
             if positions == "slot":  # StreamingLLM: rank inside the cache is the position
                 rank = kept.long().cumsum(-1) - 1  # (B, Hkv, T)
-                qc = attn.rope(qc, rotary_angles(rank[..., s:e], cfg.head_dim, cfg.rope_theta))
-                kc = attn.rope(k, rotary_angles(rank, cfg.head_dim, cfg.rope_theta))
+                qc = attn.rope(qc, rotary_angles(rank[..., s:e], cfg))
+                kc = attn.rope(k, rotary_angles(rank, cfg))
             logits = qc.to(score_dtype) @ kc.to(score_dtype)[:, :, None].transpose(-1, -2) / math.sqrt(cfg.head_dim)
             probs = logits.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)  # (B, Hkv, G, e-s, T)
             out[..., s:e, :] = probs.to(v.dtype) @ v[:, :, None]
             seen[:, :, s:e] = mask
             if policy.scored:
                 state = policies.accumulate(policy, state, probs, mask, text_pos[:, s:e])
+            if cfg.window:  # keys the next row (at e) cannot see leave the cache
+                kept &= pos > e - cfg.window
             if budget is not None and not policy.keep_all:
                 newest = torch.full((B,), e - 1, device=x.device)
                 prio = policies.priority(policy, Tokens(k, v, key_pos, kept, state), newest, layer)

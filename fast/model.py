@@ -127,7 +127,10 @@ class Transformer(reference.Transformer):
         return self.head(x)
 
     def prompt_applies(self, cache) -> bool:
-        """Whether the prompt's twin runs: a policy with no scores, or the kernels for its scores."""
+        """Whether the prompt's twin runs: a policy with no scores, or the kernels for its scores; never
+        with a sliding window (its causal kernels see every key before a row: the reference path runs)."""
+        if self.cfg.window:
+            return False
         return not cache.policy.scored or kernels.prefill_available(self.device, self.dtype, cache.policy, self.cfg)
 
     def prompt(self, tokens, cache):

@@ -267,7 +267,9 @@ def test_sentencepiece_from_directory(spm_dirs, spm_file, corpus, kind):
     _, tokenizer = load(spm_dirs[kind])
     sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_file))
     assert (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
-    assert not tokenizer.has_chat_template and tokenizer.chat("hi there") == "hi there"
+    assert not tokenizer.has_chat_template
+    with pytest.raises(ValueError, match="no chat template"):
+        tokenizer.chat("hi there")
     for line in corpus[:50]:
         ids = tokenizer.encode(line)
         assert ids == sp.encode(line) and ids[0] != tokenizer.bos_id  # no BOS added
@@ -289,7 +291,8 @@ def test_sentencepiece_round_trip(spm_tokenizer, words):
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\nYou are a test<|im_end|>\n' }}{% endif %}"
-          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}")
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 @pytest.mark.parametrize("template", [CHATML, None], ids=["chatml", "no-template"])
@@ -312,7 +315,11 @@ def test_tokenizer_json(tmp_path, corpus, template):
     assert ids[0] == 1 and ids[-1] == 2 and ids == bpe.encode(text).ids
     assert tokenizer.decode(ids) == text
     expected = "<|im_start|>system\nYou are a test<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert tokenizer.chat("hi") == (expected if template else "hi")
+    if template:
+        assert tokenizer.chat("hi") == expected
+    else:
+        with pytest.raises(ValueError, match="no chat template"):
+            tokenizer.chat("hi")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +494,14 @@ def test_missing_tensor(tmp_path, llama_dir):
 
 @pytest.mark.parametrize("arch,changes,expected", [
     ("llama", {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "unknown architecture 'gpt2'"),
-    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "RoPE scaling 'llama3'"),
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5e5}},
+     "'dynamic' .*keys already in the cache would carry other frequencies"),
+    ("llama", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 5e5}}, "RoPE scaling 'longrope'"),
+    ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ("llama", {"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, "unknown architecture 'gemma'.*gelu"),
+    ("llama", {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}, "unknown architecture 'phi3'.*fused"),
+    ("llama", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+    ("llama", {"sliding_window": 16}, "sliding_window 16 under model_type 'llama'"),
     ("opt", {"do_layer_norm_before": False}, "OPT-350m style post-norm"),
     ("opt", {"word_embed_proj_dim": 32}, "word_embed_proj_dim"),
     ("opt", {"activation_function": "gelu"}, "relu"),
