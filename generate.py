@@ -3,12 +3,16 @@
 The path of one token: generate.py -> load_weights.load -> model.Transformer -> cache.KVCache
 -> policies. Sampling is a few small pure functions; `feed` runs a prompt through the cache in
 the calls its mode asks for; `generate` is the decode loop.
+
+Under torchrun (`torchrun --nproc-per-node 2 generate.py --model path/to/llama --policy a2sf`) the
+model is split by heads over the processes, each loading only its slices (tp.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -236,7 +240,17 @@ def run(args) -> int:
         raise ValueError("the prompt is empty: give some text with --prompt")
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    model, tok = load(args.model, device=device, dtype=dtype)
+    first_kv_head = 0
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun --nproc-per-node N: tensor parallel (tp.py)
+        import tp
+
+        rank, n, device = tp.setup(device)  # this rank's GPU; each rank loads only its slices of the weights
+        model, tok = tp.load(args.model, rank, n, device=device, dtype=dtype)
+        first_kv_head = rank * model.cfg.n_kv_heads  # its cache holds its own KV heads: no communication to evict
+        if rank:  # every rank samples the same tokens (the logits are all-reduced); rank 0 prints them
+            sys.stdout = open(os.devnull, "w")
+    else:
+        model, tok = load(args.model, device=device, dtype=dtype)
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer (tokenizer.json or tokenizer.model): add one beside it")
     use_chat = tok.has_chat_template if args.chat is None else args.chat
@@ -253,6 +267,8 @@ def run(args) -> int:
         import fast
 
         model, cache_class = fast.enable(model), fast.KVCache
+    if first_kv_head:
+        cache_class = tp.rank_cache_class(cache_class, first_kv_head)  # `random` hashes the whole model's head index
     cache = cache_from_args(args, model.cfg, T, device=device, dtype=dtype, max_len=T + args.max_new_tokens,
                             cache_class=cache_class)
     if args.compile:

@@ -102,3 +102,25 @@ if __name__ == "__main__":  # python tests/test_tp.py: the spawn test alone
     with tempfile.TemporaryDirectory() as d:
         test_tensor_parallel_equals_one_process(__import__("pathlib").Path(d))
     print("ok", os.getpid())
+
+
+@pytest.mark.parametrize("fmt", ["hf", "meta", "gguf"])
+def test_load_reads_each_rank_s_slices(tmp_path, fmt):
+    """tp.load (each tensor sliced as it is read) gives every rank the slices tp.shard cuts from the
+    whole loaded model: Hugging Face (with biases), Meta and GGUF (Wq, Wk rows interleaved on disk)."""
+    from test_load_weights import tiny_llama, write_gguf, write_hf, write_meta
+
+    import load_weights
+
+    hf = tiny_llama(tie=fmt != "meta", bias=fmt == "hf")
+    path = {"hf": lambda: write_hf(hf, tmp_path, "safetensors"), "meta": lambda: write_meta(hf, tmp_path, 2),
+            "gguf": lambda: write_gguf(hf, tmp_path / "tiny.gguf")}[fmt]()
+    whole, _ = load_weights.load(path)
+    for rank in range(WORLD):
+        part, _ = tp.load(path, rank, WORLD)
+        want = tp.shard(whole, rank, WORLD).state_dict()
+        got = part.state_dict()
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+        assert isinstance(part.layers[0].attn.wo, tp.RowParallelLinear) and part.cfg == tp.shard_config(whole.cfg, WORLD)
