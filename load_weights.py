@@ -55,7 +55,7 @@ import sentencepiece
 import tokenizers
 import torch
 from safetensors import safe_open
-from tokenizers import decoders, pre_tokenizers
+from tokenizers import decoders, normalizers, pre_tokenizers
 
 from model import Config, RopeScaling, Transformer, rope_frequencies
 
@@ -287,12 +287,12 @@ def _gguf_tokenizer(meta, path: Path) -> Tokenizer | None:
             bpe = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges))
             bpe.pre_tokenizer = pre_tokenizers.Sequence(GGUF_PRE_TOKENIZERS[pre])
             bpe.decoder = decoders.ByteLevel()
-        else:  # sentencepiece BPE (LLaMA 2, TinyLlama): as transformers' LlamaTokenizer builds it
+        else:  # sentencepiece BPE (LLaMA 2, TinyLlama): a space before the text and after each special token, as llama.cpp
             scores = meta("tokenizer.ggml.scores")
             unk = next((t for t, ty in zip(tokens, types) if ty == GGUF_UNKNOWN), None)
             bpe = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=_merges_by_score(tokens, scores),
                                                              unk_token=unk, fuse_unk=True, byte_fallback=True))
-            bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+            bpe.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
             bpe.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                              decoders.Strip(content=" ", left=1)])
         bpe.add_special_tokens([tokenizers.AddedToken(t, special=ty == GGUF_CONTROL, normalized=False)
