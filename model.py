@@ -294,7 +294,7 @@ class Attention(nn.Module):
             layer_cache.observe(call, probs, mask, r0, r0 + rows)  # the policy's sum over these rows
             outs.append(out)
         layer_cache.evict(call)  # after this layer's attention, before the next layer runs
-        return self.output(torch.cat(outs, dim=3))  # (B, Hkv, G, T, D) -> (B, T, dim)
+        return self.output(outs[0] if len(outs) == 1 else torch.cat(outs, dim=3))  # (B, Hkv, G, T, D) -> (B, T, dim)
 
 
 class MLP(nn.Module):
