@@ -463,3 +463,35 @@ def test_refused_config_fields(dirs, tmp_path, changes, words):
     with pytest.raises(LoadError) as err:
         load(d)
     one_line(err, str(d / "config.json"), *words)
+
+
+def test_fast_path_equals_masked_simulation_with_a_window(dirs):
+    """The speed twins (fast.enable, fast.KVCache) on the windowed Mistral: the prompt's twin stands
+    aside (its causal kernels know no window) and the rest keeps the window through Call.mask."""
+    import fast
+
+    for mode in ("streaming", "prefill"):
+        model, _ = load(dirs["mistral"][0])
+        tokens = torch.randint(0, VOCAB, (1, 50), generator=torch.Generator().manual_seed(5))
+        p = policies.make_policy("a2sf", 10)
+        with torch.no_grad():
+            sim, _ = simulate.masked_simulation(model, tokens, p, 10, mode=mode, prompt_len=30)
+        model = fast.enable(model)
+        real = run_through(model, tokens, fast.KVCache(model.cfg, p, 10, mode=mode), 30)
+        torch.testing.assert_close(real, sim, rtol=0, atol=1e-4)
+
+
+def test_meta_scaled_rope_matches_transformers(tmp_path):
+    """Meta's Llama 3.1 params.json (use_scaled_rope): Llama 3's scaling with Meta's constants."""
+    from test_load_weights import write_meta
+
+    cfg = LlamaConfig(**{**SIZES, "max_position_embeddings": 16384}, rope_theta=5e5, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})
+    hf = randomize(AutoModelForCausalLM.from_config(cfg))
+    write_meta(hf, tmp_path)
+    assert max_diff(load(tmp_path)[0], hf, 1500) > 1e-2  # control: without use_scaled_rope (measured 2.9e-2)
+    params = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True}))
+    model, _ = load(tmp_path)
+    assert model.cfg.rope_scaling.kind == "llama3" and max_diff(model, hf, 1500) < ATOL
