@@ -151,7 +151,7 @@ def run_lm_eval(model, tok, args, setup) -> list[dict]:
         t0 = time.perf_counter()
         lm = make_lm(model, tok, v, size, setup, args.batch_size or 64, args.max_batch_tokens)
         out = evaluate_lm(lm, tasks, args.include_path, None if all(isinstance(t, dict) for t in tasks) else args.limit)
-        print(f"lm-eval, {v} {size or ''}:\n{make_table(out)}", file=sys.stderr)
+        print(f"lm-eval, {v} {evaluate.size_label(size)}:\n{make_table(out)}", file=sys.stderr)
         for name, r in out["results"].items():
             row = dict(task=name, policy=v, size=size and dict([size]), variant=args.variant,
                        n_docs=out["n-samples"].get(name, {}).get("effective"), seconds=time.perf_counter() - t0)

@@ -447,7 +447,8 @@ def run_ruler(model, tok, args, setup) -> list[dict]:
                                     prompt_tokens=[len(s["tokens"]) for s in samples[task, L]],
                                     seconds=time.perf_counter() - t0,
                                     policy_fields=asdict(evaluate.make_variant(v, budgets[0], setup.flags))))
-                evaluate.say(f"ruler {task} {L} {v} {results[-1]['size']} {results[-1]['setting']}: {mean:.2f} (n={len(got)})")
+                evaluate.say(f"ruler {task} {L} {v} {evaluate.size_label(size)} {results[-1]['setting']}:"
+                             f" {mean:.2f} (n={len(got)})")
     return results
 
 
