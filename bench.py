@@ -16,6 +16,24 @@ copy bandwidth measured in the same run. "peak+ GB" is the peak GPU memory above
 started with (the weights): the cache, activations and attention buffers. "prefill / full" is
 the row's prefill time over the fused prefill's (`full`, same model, context and batch), the two
 interleaved in the row (median of 5, or 3 past 8k tokens).
+
+Tensor parallel (issue 16; tp.py): `torchrun --nproc-per-node N bench.py --plan tp` (or any grid
+with `--tp`, which one process runs as TP = 1 on the same weights). Each rank builds its own part
+of the model on its own GPU (tp.random_model: random bf16 weights drawn on the device, never the
+whole model on the host or on one GPU; `llama70b` is the Llama-2-70B shape), its own cache
+(fast.KVCache of its KV heads; tp.rank_cache_class) and its own compiled step, with the two
+all-reduces per block inside it (inductor and a CUDA graph on GPUs; aot_eager under gloo on the
+CPU); every rank draws the same prompt (seeded) and rank 0 alone prints the table and writes the
+file. Times are the slowest rank's. "KV MB" is the cache of all ranks; "GB/GPU" is the peak memory
+PyTorch allocated on one GPU in the row (the weights included; the largest over the ranks). "% bound"
+counts the bytes each rank reads in a step (its slices of the weights, the replicated embeddings,
+norms and output head, its own keys and values) and the copy bandwidth each rank measures: the bound
+is batch * (sum of the ranks' bandwidths) / (sum of the bytes they read), i.e. every GPU streaming
+its own bytes at its own speed, all at once. `--profile` adds "all-reduce ms": the device time of the
+all-reduce kernels (NCCL) in one decode step, from torch.profiler over 5 steps (the largest over the
+ranks; a kernel waiting for a late rank counts its wait); on the CPU, the time of the gloo all-reduce
+ops. Each row's greedy tokens are in the results file ("tokens"): a TP = N run gives those of one
+process in fp32 (tests/test_bench_tp.py).
 """
 
 from __future__ import annotations
@@ -28,12 +46,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import cache as reference_cache
 import fast
 import generate
 import model as model_mod
 import policies
+import tp
 
 
 def now(device):
@@ -68,6 +88,49 @@ def build_model(name, device, dtype, weights=None, reference=False):
     return (m if reference else fast.enable(m)), desc
 
 
+SHAPES = {"smollm2": "smollm2-135m", "llama7b": "llama-2-7b", "llama70b": "llama-2-70b", "tiny": "tiny-llama"}
+TP_ONLY = ("llama70b",)  # built by tp.random_model even in one process: 138 GB in bf16, never materialised in fp32
+
+
+def build_part(name, rank, n, device, dtype, weights=None, reference=False):
+    """Rank `rank`'s part of model `name` for tensor parallelism over n ranks (tp.py), made on its own
+    device: tp.load's slices of the real SmolLM2, else tp.random_model (the same weights for every n)."""
+    if name == "smollm2" and weights != "random":
+        m, _ = tp.load(weights, rank, n, device=device, dtype=dtype)
+    else:
+        m = tp.random_model(model_mod.preset(SHAPES[name]), rank, n, device, dtype)
+    return m if reference else fast.enable(m)
+
+
+def across(values, device, n):
+    """[rank 0's values, ..., rank n-1's]: each rank's list of floats, gathered on every rank."""
+    if n == 1:
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    every = [torch.empty_like(mine) for _ in range(n)]
+    dist.all_gather(every, mine)
+    return [t.tolist() for t in every]
+
+
+PROFILE_STEPS = 5
+ALLREDUCE = ("allreduce", "all_reduce", "wait_tensor")  # the c10d ops of a collective on the CPU (launch, wait)
+
+
+def allreduce_seconds(prof, cuda: bool) -> float:
+    """Seconds spent in the all-reduces in a profile: on CUDA the device time of the NCCL kernels
+    (ncclDevKernel_AllReduce_...: inside the CUDA graph too); on the CPU the self time of the c10d
+    ops on the rank's own thread (their launch, gloo's work and the wait for the other ranks; self
+    times, so nested ops count once)."""
+    total = 0.0
+    for e in prof.key_averages():
+        key = e.key.lower()
+        if cuda and "nccl" in key:
+            total += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        elif not cuda and any(k in key for k in ALLREDUCE):
+            total += e.self_cpu_time_total
+    return total / 1e6
+
+
 def to_hf(m):
     """The same weights as a transformers LlamaForCausalLM (our rotary layout is HF's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -93,17 +156,26 @@ def to_hf(m):
     return hf
 
 
-def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step, device, mode="prefill", profile=False):
+def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step, device, mode="prefill", profile=False,
+               cache_class=None, vs_full=True, reps=None, seed=0, graph=True):
     """mode prefill: the context in one call, then compress. streaming: calls of 512 rows, evicting
-    after each, so even the prefill never holds more than budget + 512 tokens."""
+    after each, so even the prefill never holds more than budget + 512 tokens. cache_class: default
+    fast.KVCache on a fast model, else cache.KVCache (a tensor-parallel rank passes
+    tp.rank_cache_class's). vs_full False: no fused full prefill beside the row's (where the full
+    cache does not fit; "prefill / full" is then nan). reps: timed prefills (default 5, 3 past 8k
+    tokens). The prompt is drawn from `seed` (the same on every rank). graph False: the compiled
+    step without its CUDA graph. -> the row, with its greedy tokens (the prompt's next token, then
+    each decode step's) under "tokens" and, with profile, the all-reduce ms per step."""
     cfg = m.cfg
     p = policies.make_policy(policy_name, budget)
     chunk = 512 if mode == "streaming" else 1
     full = policies.make_policy("full", None)
-    cache_class = fast.KVCache if isinstance(m, fast.model.Transformer) else reference_cache.KVCache
+    if cache_class is None:
+        cache_class = fast.KVCache if isinstance(m, fast.model.Transformer) else reference_cache.KVCache
     make = lambda pol, b: cache_class(cfg, pol, b, batch=batch, mode=mode, chunk=chunk, device=device, dtype=m.dtype,
                                   max_len=context + new_tokens + 8)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, context), device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, context), device=device, generator=gen)
 
     def prefill(cache):
         t0 = now(device)
@@ -113,11 +185,11 @@ def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step,
     # Prefill: the policy's and full's (the fused prefill), interleaved, `reps` of each after one
     # warm-up of each (Triton's compile, cuBLAS's and the allocator's set-up; the allocator stays
     # warm): a host that is slower for a while slows both alike. The last policy prefill feeds decode.
-    reps = 5 if context <= 8192 else 3
+    reps = reps or (5 if context <= 8192 else 3)
     pol_s, full_s = [], []
     with torch.no_grad():
         for r in range(reps + 1):
-            if not p.keep_all:
+            if not p.keep_all and vs_full:
                 t, _ = prefill(make(full, None))
                 full_s.append(t)
             cache = logits = None
@@ -128,30 +200,42 @@ def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step,
             cache = make(p, budget)
             t, logits = prefill(cache)
             pol_s.append(t)
-    pol_s, full_s = pol_s[1:], full_s[1:] or pol_s[1:]  # the warm-ups dropped
+    pol_s, full_s = pol_s[1:], full_s[1:] or (pol_s[1:] if p.keep_all else [])  # the warm-ups dropped
     prefill_s = statistics.median(pol_s)
     with torch.no_grad():
         step = fast.compile_decode(m, cache) if compile_step else (lambda t: m(t, cache))
+        step = step if graph else getattr(step, "step", step)  # CudaGraphStep.step: the compiled step alone
         nxt = logits.argmax(-1)[:, None]
+        greedy = [nxt]
         t0 = now(device)
         for _ in range(3):  # warm-up: compile and capture the graph
             nxt = step(nxt.clone())[:, -1].argmax(-1)[:, None]
+            greedy.append(nxt)
         compile_s = now(device) - t0
         t0 = now(device)
         for _ in range(new_tokens):
             nxt = step(nxt.clone())[:, -1].argmax(-1)[:, None]  # stays on the device: no host sync
+            greedy.append(nxt)
         decode_s = now(device) - t0
-        if profile and device.type == "cuda":
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
+        allreduce = {}
+        if profile:  # after the tokens kept: the same tokens with or without it
+            cuda = device.type == "cuda"
+            activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+            with torch.profiler.profile(activities=[activity]) as prof:
+                for _ in range(PROFILE_STEPS):
                     nxt = step(nxt.clone())[:, -1].argmax(-1)[:, None]
                 now(device)
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+            if cuda and tp.world()[0] == 0:
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+            allreduce = dict(allreduce_ms=1000 * allreduce_seconds(prof, cuda) / PROFILE_STEPS)
     peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else 0
+    peak_gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     kept = int(cache.tokens_held().max())
-    return dict(prefill_tok_s=batch * context / prefill_s, prefill_vs_full=prefill_s / statistics.median(full_s),
+    vs = prefill_s / statistics.median(full_s) if full_s else float("nan")
+    return dict(prefill_tok_s=batch * context / prefill_s, prefill_vs_full=vs,
                 decode_tok_s=batch * new_tokens / decode_s, compile_s=compile_s,
-                ms_per_step=1000 * decode_s / new_tokens, peak_gb=peak / 2**30, kv_bytes=cache.nbytes(), kept=kept)
+                ms_per_step=1000 * decode_s / new_tokens, peak_gb=peak / 2**30, kv_bytes=cache.nbytes(), kept=kept,
+                peak_gpu_gb=peak_gpu / 2**30, tokens=torch.cat(greedy, 1).tolist(), **allreduce)
 
 
 def bench_hf(hf, context, batch, new_tokens, device, static: bool):
@@ -200,6 +284,16 @@ PLANS = {
                         ("smollm2", "a2sf", "r0.2", 16384, 1, "streaming")],
 }
 PLANS["targets"] = PLANS["targets-smollm2"] + PLANS["targets-7b"]  # every target from one run
+# Issue 16's rows, tensor parallel: run once in one process (TP = 1) and once under
+# `torchrun --nproc-per-node 2` (TP = 2); a row whose options say {"tp": k} runs only at world size k.
+# The 70B shape at 64k: 138 GB (128.5 GiB) of bf16 weights + a full cache of 20 GiB (80 layers x 8 KV
+# heads x 128 x 2 (k, v) x 2 B = 320 KiB a token) do not fit one H200 (~139 GiB usable: full fits up to
+# ~30k tokens), its a2sf at 20% (4 GiB) does, streamed (calls of 512 rows: no 64k-row activations).
+PLANS["tp"] = [("llama7b", "full", None, 32768, 1), ("llama7b", "a2sf", "r0.2", 32768, 1),
+               ("llama70b", "full", None, 65536, 1, "prefill", {"tp": 2}),
+               ("llama70b", "a2sf", "r0.2", 65536, 1, "prefill", {"tp": 2}),
+               ("llama70b", "a2sf", "r0.2", 65536, 1, "streaming", {"tp": 1, "vs_full": False}),
+               ("llama70b", "full", None, 65536, 1, "streaming", {"tp": 1})]  # one GPU: expected out of memory
 
 
 def grid(args):
@@ -233,59 +327,107 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=generate.DTYPES)
     ap.add_argument("--out", default="results/bench.json")
     ap.add_argument("--tune", action="store_true", help="inductor coordinate-descent tuning (gpt-fast's setting)")
-    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each row's decode step")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each row's decode step"
+                    " (and, tensor parallel, the all-reduce ms per step)")
+    ap.add_argument("--tp", action="store_true", help="tensor parallel (tp.py): each rank builds its part on its device;"
+                    " implied under torchrun with more than one process and by --plan tp; one process: TP = 1")
+    ap.add_argument("--prefill-reps", type=int, default=None, help="timed prefills per row (default 5, 3 past 8k tokens)")
+    ap.add_argument("--no-graph", action="store_true", help="the compiled decode step without its CUDA graph")
     args = ap.parse_args(argv)
     args.no_compile = args.no_compile or args.reference
     if args.tune:
         torch._inductor.config.coordinate_descent_tuning = True
-    device = generate.pick_device(args.device)
+    tp_mode = args.tp or args.plan == "tp" or tp.world()[1] > 1
+    if tp_mode:  # each rank: its GPU (LOCAL_RANK), its process group (NCCL; gloo on the CPU)
+        rank, n, device = tp.setup(generate.pick_device(args.device))
+        args.no_hf = True  # transformers holds no part of a model
+    else:
+        rank, n, device = 0, 1, generate.pick_device(args.device)
+    main_rank = rank == 0
+    say = print if main_rank else (lambda *a, **k: None)
     dtype = generate.DTYPES[args.dtype]
     bw = copy_bandwidth(device) if device.type == "cuda" else None  # the bound is for a GPU's memory
+    bws = [b[0] for b in across([bw or 0.0], device, n)] if tp_mode else [bw]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"# {gpu}, torch {torch.__version__}, {args.dtype}, "
-          + (f"copy bandwidth {bw / 1e9:.0f} GB/s" if bw else "no bandwidth bound on the CPU (% bound: -)")
-          + (", reference path" if args.reference else ""))
+    say(f"# {gpu}, torch {torch.__version__}, {args.dtype}, "
+        + (f"copy bandwidth {bw / 1e9:.0f} GB/s" if bw else "no bandwidth bound on the CPU (% bound: -)")
+        + (", reference path" if args.reference else "")
+        + (f", tensor parallel over {n} rank(s) ({dist.get_backend() if n > 1 else 'one process'}), copy bandwidth "
+           f"{sum(bws) / 1e9:.0f} GB/s in all" if tp_mode else ""))
     header = ("model", "impl", "policy", "budget", "ctx", "B", "mode", "prefill tok/s", "prefill / full", "decode tok/s",
-              "ms/step", "peak+ GB", "KV MB", "% bound", "compile s")
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+              "ms/step", "peak+ GB", "KV MB", "% bound", "compile s") + (("TP", "GB/GPU", "all-reduce ms") if tp_mode else ())
+    say("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     out_rows = []
 
     def emit(row):
+        if not main_rank:  # rank 0 alone prints and writes
+            return
         out_rows.append(row)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every row: a killed run keeps its rows
         Path(args.out).write_text(json.dumps(dict(device=gpu, torch=torch.__version__, copy_bandwidth=bw,
-                                                  dtype=args.dtype, args=vars(args), rows=out_rows), indent=1))
+                                                  dtype=args.dtype, args=vars(args), rows=out_rows, world_size=n,
+                                                  copy_bandwidth_ranks=bws), indent=1))
         cells = [row["model"], row["impl"], row["policy"], row.get("budget", "-"), row["ctx"], row["batch"], row.get("mode", "-"),
                  f"{row['prefill_tok_s']:.0f}", f"{row.get('prefill_vs_full', float('nan')):.2f}",
                  f"{row['decode_tok_s']:.1f}", f"{row.get('ms_per_step', 0):.2f}",
                  f"{row.get('peak_gb', 0):.2f}", f"{row.get('kv_bytes', 0) / 2**20:.0f}",
                  f"{row['pct_bound']:.0f}" if row.get("pct_bound") else "-", f"{row.get('compile_s', 0):.0f}"]
+        if tp_mode:
+            cells += [row.get("tp", n), f"{row.get('peak_gpu_gb', 0):.1f}",
+                      f"{row['allreduce_ms']:.2f}" if "allreduce_ms" in row else "-"]
         print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
     rows = PLANS[args.plan] if args.plan else grid(args)
     loaded, hf_rows = {}, []
+    m = None
     for model_name, pol, budget, ctx, batch, *mode in rows:
+        opts = mode.pop() if mode and isinstance(mode[-1], dict) else {}  # a plan row's options ({"tp": k, "vs_full": ...})
+        if opts.get("tp", n) != n:
+            say(f"# {model_name} {pol} {budget} {ctx} {(mode or ['prefill'])[0]}: a TP = {opts['tp']} row, skipped at TP = {n}")
+            continue
         if model_name not in loaded:
-            loaded.clear()  # one model on the GPU at a time
+            m = None  # one model on the GPU at a time: the last one freed before the next is built
+            loaded.clear()
+            gc.collect()
+            torch._dynamo.reset()
             torch.cuda.empty_cache() if device.type == "cuda" else None
-            loaded[model_name] = build_model(model_name, device, dtype, args.weights, args.reference)[0]
+            loaded[model_name] = (build_part(model_name, rank, n, device, dtype, args.weights, args.reference)
+                                  if tp_mode or model_name in TP_ONLY else
+                                  build_model(model_name, device, dtype, args.weights, args.reference)[0])
         m = loaded[model_name]
         if isinstance(budget, str):
             budget = round(float(budget[1:]) * ctx) if budget.startswith("r") else int(budget)
         if budget is not None and budget >= ctx:
-            print(f"| {model_name} | ours | {pol} | {budget} | {ctx} | {batch} | skipped: the budget is not below the"
-                  " context, nothing would be evicted (lower --budgets) |")
+            say(f"| {model_name} | ours | {pol} | {budget} | {ctx} | {batch} | skipped: the budget is not below the"
+                " context, nothing would be evicted (lower --budgets) |")
             continue
         torch._dynamo.reset()
+        cache_class = None
+        if tp_mode:  # `random` hashes the whole model's KV head index: the rank's heads start at rank * its count
+            base_class = fast.KVCache if isinstance(m, fast.model.Transformer) else reference_cache.KVCache
+            cache_class = tp.rank_cache_class(base_class, rank * m.cfg.n_kv_heads)
         try:
             r = bench_ours(m, pol, budget, ctx, batch, args.new_tokens, not args.no_compile, device, *mode,
-                           profile=args.profile)
+                           profile=args.profile, cache_class=cache_class, vs_full=opts.get("vs_full", True),
+                           reps=args.prefill_reps, graph=not args.no_graph)
         except torch.OutOfMemoryError:
-            print(f"| {model_name} | ours | {pol} | {budget} | {ctx} | {batch} | out of memory |")
+            say(f"| {model_name} | ours | {pol} | {budget} | {ctx} | {batch} | out of memory |")
+            gc.collect()
+            torch.cuda.empty_cache() if device.type == "cuda" else None
             continue
         r.update(model=model_name, impl="ours", policy=pol, budget=budget or "-", ctx=ctx, batch=batch,
                  mode=(mode or ["prefill"])[0])
-        r["pct_bound"] = 100 * r["decode_tok_s"] / (batch * bw / step_bytes(m, r["kv_bytes"])) if bw else None
+        if tp_mode:  # the slowest rank's times, the largest rank's memory; the bound from every rank's bytes and bandwidth
+            cols = list(zip(*across([r["decode_tok_s"], r["ms_per_step"], r["compile_s"], r["peak_gb"], r["peak_gpu_gb"],
+                                     r.get("allreduce_ms", 0.0), step_bytes(m, r["kv_bytes"]), r["kv_bytes"],
+                                     bw or 0.0], device, n)))
+            r.update(decode_tok_s=min(cols[0]), ms_per_step=max(cols[1]), compile_s=max(cols[2]), peak_gb=max(cols[3]),
+                     peak_gpu_gb=max(cols[4]), step_bytes=int(sum(cols[6])), kv_bytes=int(sum(cols[7])), tp=n)
+            if "allreduce_ms" in r:
+                r["allreduce_ms"] = max(cols[5])
+            r["pct_bound"] = 100 * r["decode_tok_s"] / (batch * sum(cols[8]) / sum(cols[6])) if bw else None
+        else:
+            r["pct_bound"] = 100 * r["decode_tok_s"] / (batch * bw / step_bytes(m, r["kv_bytes"])) if bw else None
         emit(r)
         if not args.no_hf and pol == "full" and batch == 1 and ctx == 1024:
             hf_rows.append((model_name, r))  # after all of ours: a slow compile of transformers' cannot cost our rows
@@ -307,7 +449,9 @@ def main(argv=None):
                      ctx=r["ctx"], batch=r["batch"], ratio_ours_over_this=r["decode_tok_s"] / h["decode_tok_s"])
             emit(h)
         del hf
-    print(f"# wrote {args.out}")
+    say(f"# wrote {args.out}")
+    if tp_mode and n > 1 and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ PRESETS = {
                            hidden_dim=1536, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
     "llama-2-7b": Config(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                          hidden_dim=11008, max_seq_len=4096),
+    "llama-2-70b": Config(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672, max_seq_len=4096),
     "opt-125m": Config(arch="opt", vocab_size=50272, dim=768, n_layers=12, n_heads=12, n_kv_heads=12,
                        hidden_dim=3072, max_seq_len=2048, tie_embeddings=True, bias=True),
     "opt-6.7b": Config(arch="opt", vocab_size=50272, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,

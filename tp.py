@@ -32,6 +32,7 @@ captures it, as in gpt-fast). The reference files know nothing of this module.
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -137,25 +138,37 @@ def shard(whole: Transformer, rank: int, n: int, group=None) -> Transformer:
 
 
 def random_model(cfg: Config, rank: int, n: int, device, dtype, seed: int = 0, group=None) -> Transformer:
-    """Rank `rank`'s part of a model of random weights (speed runs), made on `device` in `dtype`:
-    never the whole model, never on the host. Replicated parameters (embeddings, norms, lm_head)
-    are the same on every rank (one seed); the split ones differ (seed + rank)."""
+    """Rank `rank`'s part of a model of random weights (speed runs, bench.py under torchrun), made on
+    `device` in `dtype`: never on the host, never the whole model on one device. Each parameter is
+    drawn whole on the device (one tensor at a time: at most the largest matrix, 0.5 GB for the 70B
+    shape's embedding, beside the part) from a generator seeded by `seed` and the parameter's name,
+    and only the rank's slice is kept; so the n parts together are exactly the model
+    random_model(cfg, 0, 1) makes on the same kind of device, and a tensor-parallel run can be
+    held token for token against one process (tests/test_bench_tp.py). n = 1: no all-reduce."""
     with torch.device("meta"):
         part = Transformer(shard_config(cfg, n)).to(dtype)
     part = part.to_empty(device=device)
     gen = torch.Generator(device=device)
     with torch.no_grad():
         for name, p in part.named_parameters():
-            gen.manual_seed(seed + (rank + 1 if split_dim(name) is not None else 0))
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith("bias"):
                 p.zero_()
             else:
-                p.normal_(0.0, 0.02, generator=gen)
+                gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                dim = split_dim(name)
+                if dim is None or n == 1:
+                    p.normal_(0.0, 0.02, generator=gen)
+                else:
+                    shape = list(p.shape)
+                    shape[dim] *= n
+                    whole = torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+                    p.copy_(whole.chunk(n, dim=dim)[rank])
+                    del whole
     if cfg.tie_embeddings:
         part.lm_head.weight = part.tok_emb.weight
-    return parallelize(part.eval(), group)
+    return parallelize(part.eval(), group) if n > 1 else part.eval()
 
 
 def load(path=None, rank: int = 0, n: int = 1, device="cpu", dtype=torch.float32, group=None):
