@@ -98,19 +98,18 @@ class LayerCache:
         o = self.owner
         B, H, D = o.batch, o.cfg.n_kv_heads, o.cfg.head_dim
         k = torch.zeros(B, H, capacity, D, device=o.device, dtype=o.dtype)
-        new = dict(k=k, v=torch.zeros_like(k),
-                   pos=torch.full((B, H, capacity), -1, device=o.device, dtype=torch.long),
-                   valid=torch.zeros(B, H, capacity, device=o.device, dtype=torch.bool))
-        new.update({f"state.{name}": t for name, t in policies.token_state(self.policy, k, k, o.score_dtype).items()})
+        new = dict(k=k, v=torch.zeros_like(k), pos=torch.full((B, H, capacity), -1, device=o.device, dtype=torch.long),
+                   valid=torch.zeros(B, H, capacity, device=o.device, dtype=torch.bool),
+                   **policies.token_state(self.policy, k, k, o.score_dtype))  # + the policy's state (B, H, capacity)
         if self.capacity:  # move the held tokens over (at most `capacity` of them)
+            old = dict(k=self.k, v=self.v, pos=self.pos, valid=self.valid, **self.state)
             big = torch.iinfo(torch.long).max
-            order = torch.where(self.valid, self.pos, big).argsort(dim=-1, stable=True)[..., :capacity]
+            order = torch.where(self.valid, self.pos, big).argsort(dim=-1, stable=True)[..., :capacity]  # (B, H, n)
             n = order.shape[-1]
             for name, t in new.items():
-                old = self.state[name[6:]] if name.startswith("state.") else getattr(self, name)
-                t[:, :, :n] = old.gather(2, order if old.dim() == 3 else order[..., None].expand(-1, -1, -1, D))
-        self.k, self.v, self.pos, self.valid = new["k"], new["v"], new["pos"], new["valid"]
-        self.state = {name[6:]: t for name, t in new.items() if name.startswith("state.")}
+                t[:, :, :n] = old[name].gather(2, order if t.dim() == 3 else order[..., None].expand(-1, -1, -1, D))
+        self.k, self.v, self.pos, self.valid = (new.pop(name) for name in ("k", "v", "pos", "valid"))
+        self.state = new
         self.capacity = capacity
 
     def tokens(self) -> Tokens:
