@@ -29,3 +29,10 @@ if [ "$1" = row ]; then  # one 7B row (memory): old/ then this checkout
   (cd old && timeout 150 python bench.py --no-hf --weights random --models llama7b --batches 1 --long "" "$@" --out $OUT/r/old-row.json 2>&1 | quiet | grep "^| llama\|Error")
   timeout 150 python bench.py --no-hf --weights random --models llama7b --batches 1 --long "" "$@" --out $OUT/r/new-row.json 2>&1 | quiet | grep "^| llama\|Error"
 fi
+if [ "$1" = ab ]; then  # ab PLAN RUNS: old, new, old, new, ... (RUNS of each), then the medians (scripts/ab_summary.py)
+  for i in $(seq ${3:-2}); do
+    (cd old && timeout 150 python bench.py --plan $2 --no-hf --weights random --out $OUT/r/old-$i.json 2>&1 | quiet | grep "Error")
+    timeout 150 python bench.py --plan $2 --no-hf --weights random --out $OUT/r/new-$i.json 2>&1 | quiet | grep "Error"
+  done
+  python scripts/ab_summary.py $OUT/r | tee $OUT/r/ab.md
+fi
