@@ -151,6 +151,7 @@ class Transformer(reference.Transformer):
             part = None
             x = x + block.mlp(block.mlp_norm(x))
         rank_prompt(cache, waiting, positions)
+        waiting = None  # the layers' keys and values (views of their projections) are freed before the logits
         return self.head(x)
 
 
