@@ -2,7 +2,7 @@
 on a busy 2-core machine spin-wait and make each op milliseconds slower (measured: 0.11 s vs
 3.4 s for the same 8-token call with another process running).
 
-With no GPU, Triton kernels (kernels.py) run in Triton's interpreter on CPU tensors, so the
+With no GPU, Triton kernels (fast/kernels.py) run in Triton's interpreter on CPU tensors, so the
 default run holds them equal to their slow twins too; it must be set before Triton loads."""
 
 import os

@@ -55,7 +55,7 @@ def test_decode_attention_equals_the_explicit_softmax(seed, B, Hkv, G, S, D, kee
        T=st.integers(1, 200), D=st.sampled_from([16, 32]),
        policy_name=st.sampled_from(["h2o", "a2sf", "tova", "snapkv", "vatp"]))
 def test_column_sums_equal_the_explicit_probabilities_summed(seed, B, Hkv, G, T, D, policy_name):
-    """Eq. (1) of kernels.py from the row log-sum-exps, block by block (zero-weight row blocks
+    """Eq. (1) of fast/kernels.py from the row log-sum-exps, block by block (zero-weight row blocks
     skipped), against the T x T probabilities summed down the columns."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hkv, G, T, D, generator=g).to(DEVICE, DTYPE)
