@@ -1,9 +1,30 @@
 """Small shared pieces for the tests: tiny random models and running a text through a cache."""
 
+import tokenizers
 import torch
 
 import model
 import simulate
+
+
+def randomize(hf_model, seed=0):
+    """Every parameter of a transformers model random, norms and biases included: a loader that
+    drops one cannot pass."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return hf_model.eval()
+
+
+def byte_bpe(corpus, specials) -> tokenizers.Tokenizer:
+    """A byte-level BPE (GPT-2 style, 300 tokens) trained on corpus, with these special tokens."""
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    return bpe
 
 
 def tiny_model(name="tiny-llama", seed=0, dtype=torch.float32, **overrides):

@@ -20,7 +20,8 @@ import pytest
 import sentencepiece
 import tokenizers
 import torch
-from helpers import report_after, run_through
+from helpers import byte_bpe as train_bpe
+from helpers import randomize, report_after, run_through
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -63,27 +64,13 @@ FAMILIES = {  # name -> (transformers config, chat template file, special tokens
 MEASURED = {}  # (family, format, tokens) -> max |diff|, printed at the end
 
 
-def randomize(model, seed=0):
-    """Every parameter random, norms and biases included: a loader that drops one cannot pass."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
-
-
 WORDS = ("the quick brown fox jumps over a lazy dog while 42 big wizards vex my old queen and 1999 zebras "
          "quietly hum jazz by the river, don't they? I'll say 7 times: 123456789").split()
 CORPUS = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(9)) + "." for i in range(300)]
 
 
 def byte_bpe(specials) -> tokenizers.Tokenizer:
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    bpe.train_from_iterator(CORPUS, tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-    return bpe
+    return train_bpe(CORPUS, specials)
 
 
 def write_dir(name: str, d: Path):

@@ -43,6 +43,7 @@ import pytest
 import sentencepiece
 import tokenizers
 import torch
+from helpers import byte_bpe as train_bpe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -69,12 +70,7 @@ CHATML = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['conten
 
 
 def byte_bpe() -> tokenizers.Tokenizer:
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    bpe.train_from_iterator(CORPUS, tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-    return bpe
+    return train_bpe(CORPUS, SPECIALS)
 
 
 def tiny(arch: str, vocab: int, seed: int = 0) -> model_mod.Transformer:

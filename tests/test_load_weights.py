@@ -14,6 +14,7 @@ import pytest
 import sentencepiece
 import tokenizers
 import torch
+from helpers import randomize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -23,15 +24,6 @@ import load_weights
 from load_weights import LoadError, load
 
 ATOL = 1e-4  # fp32 logits, ours vs transformers (measured max about 3e-6 on the tiny models)
-
-
-def randomize(model, seed=0):
-    """Every parameter random, norms and biases included: a loader that drops one cannot pass."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
 
 
 def tiny_llama(tie=True, bias=False):
