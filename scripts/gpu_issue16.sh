@@ -134,8 +134,12 @@ bench)  # TP = 2 first (the issue's targets), then TP = 1; each file keeps its f
   timeout ${2:-300} torchrun --nproc-per-node 2 bench.py --plan tp --profile --prefill-reps 1 --out $OUT/r/tp2.json 2>&1 \
     | quiet > $OUT/r/tp2.log
   grep "^|\|^#\|Error\|error" $OUT/r/tp2.log | grep -v "^|--\|^| *Name"
+  # WITH_TP1: a command run meanwhile on the second GPU, which TP = 1 leaves idle (its output: $OUT/r/with_tp1.log)
+  [ -n "$WITH_TP1" ] && (CUDA_VISIBLE_DEVICES=1 timeout ${3:-260} bash -c "$WITH_TP1" > $OUT/r/with_tp1.log 2>&1) &
   timeout ${3:-260} python3 bench.py --plan tp --profile --prefill-reps 1 --out $OUT/r/tp1.json 2>&1 | quiet > $OUT/r/tp1.log
   grep "^|\|^#\|Error\|error" $OUT/r/tp1.log | grep -v "^|--\|^| *Name"
+  wait
+  [ -n "$WITH_TP1" ] && grep -v "USDT\|warn" $OUT/r/with_tp1.log | tail -c 6000
   cp $OUT/r/tp*.json $K/ 2>/dev/null
   bench_summary
   ;;
