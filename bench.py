@@ -4,6 +4,7 @@ transformers on the same weights and with the memory-bandwidth bound, in one run
     python bench.py                                   # the default grid (GPU)
     python bench.py --plan targets                    # the README's Performance rows (GPU)
     python bench.py --models tiny --contexts 64 --budgets 16 --new-tokens 8 --no-hf --no-compile   # CPU smoke run
+    python bench.py --plan tokenwise --weights random --no-hf  # token-by-token eviction in a prompt (GPU)
 
 Each row: one model, policy, budget, context and batch, on the fast path (fast.enable, fast.KVCache;
 --reference for the plain one). Prefill: the context in one call (prefill mode: the fused causal
@@ -16,6 +17,11 @@ copy bandwidth measured in the same run. "peak+ GB" is the peak GPU memory above
 started with (the weights): the cache, activations and attention buffers. "prefill / full" is
 the row's prefill time over the fused prefill's (`full`, same model, context and batch), the two
 interleaved in the row (median of 5, or 3 past 8k tokens).
+
+--plan tokenwise (bench_tokenwise): a prompt fed token by token through a streaming chunk-1 cache
+(generate.feed), its calls after the first eager, replayed as a CUDA graph (fast.graph_decode) or
+compiled (fast.compile_decode); "prefill tok/s" is batch * tokens / seconds of the whole feed,
+"ms/step" the time of one call. scripts/tokenwise_ab.py times the same feed for an older checkout.
 
 Tensor parallel (issue 16; tp.py): `torchrun --nproc-per-node N bench.py --plan tp` (or any grid
 with `--tp`, which one process runs as TP = 1 on the same weights). Each rank builds its own part
@@ -238,6 +244,52 @@ def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step,
                 peak_gpu_gb=peak_gpu / 2**30, tokens=torch.cat(greedy, 1).tolist(), **allreduce)
 
 
+TOKENWISE_WAYS = {"eager": None, "graph": fast.graph_decode, "compiled": fast.compile_decode}
+
+
+def bench_tokenwise(m, policy_name, budget, context, batch, device, ways=tuple(TOKENWISE_WAYS), warmup=16, seed=0):
+    """Token-by-token eviction inside a prompt (streaming, chunk 1: the papers' protocol and
+    evaluate.py's hot path): generate.feed of `context` random tokens, one call each, the calls
+    after the first run each way: eager `model(...)` (what the landed main does), fast.graph_decode
+    (the eager step replayed as a CUDA graph), fast.compile_decode (compiled blocks, a CUDA graph).
+    Each way gets its own cache (a step captures its cache's tensors), warmed by a feed of `warmup`
+    tokens (the compile, the capture), emptied in place (KVCache.reset: the graph stays valid), then
+    timed. -> one row per way: tok/s = batch * context / seconds, ms per call, and "agree": the
+    share of sequences whose next token (argmax) is the eager way's."""
+    p = policies.make_policy(policy_name, budget)
+    cache_class = fast.KVCache if isinstance(m, fast.model.Transformer) else reference_cache.KVCache
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tokens = torch.randint(0, m.cfg.vocab_size, (batch, context), device=device, generator=gen)
+    rows, eager_next = [], None
+    for way in ways:
+        cache = cache_class(m.cfg, p, budget, batch=batch, mode="streaming", chunk=1, device=device, dtype=m.dtype)
+        step = TOKENWISE_WAYS[way] and TOKENWISE_WAYS[way](m, cache)
+        with torch.no_grad():
+            t0 = now(device)
+            generate.feed(m, tokens[:, :warmup], cache, last_only=True, step=step)
+            warm_s = now(device) - t0
+            cache.reset()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+            t0 = now(device)
+            logits = generate.feed(m, tokens, cache, last_only=True, step=step)
+            seconds = now(device) - t0
+        peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else 0
+        nxt = logits[:, -1].argmax(-1)
+        eager_next = nxt if way == "eager" else eager_next
+        agree = float((nxt == eager_next).float().mean()) if eager_next is not None else float("nan")
+        rows.append(dict(way=way, prefill_tok_s=batch * context / seconds, ms_per_step=1000 * seconds / context,
+                         compile_s=warm_s, peak_gb=peak / 2**30, kv_bytes=cache.nbytes(),
+                         kept=int(cache.tokens_held().max()), agree=agree))
+        cache = step = logits = None
+        gc.collect()
+    eager = next((r for r in rows if r["way"] == "eager"), None)
+    for r in rows:
+        r["vs_eager"] = r["prefill_tok_s"] / eager["prefill_tok_s"] if eager else float("nan")
+    return rows
+
+
 def bench_hf(hf, context, batch, new_tokens, device, static: bool):
     """transformers' generate, greedy; decode time = (N+1 tokens) - (1 token). static: its static
     cache, which generate compiles by itself (transformers' auto-compile, mode reduce-overhead)."""
@@ -284,6 +336,9 @@ PLANS = {
                         ("smollm2", "a2sf", "r0.2", 16384, 1, "streaming")],
 }
 PLANS["targets"] = PLANS["targets-smollm2"] + PLANS["targets-7b"]  # every target from one run
+# Issue 18's token-by-token row (bench_tokenwise): a streaming chunk-1 prompt, each way of running its
+# calls. Not `full`: a full cache takes a prompt in one call, never token by token.
+PLANS["tokenwise"] = [("smollm2", "a2sf", "r0.2", 2048, 64, "tokenwise"), ("smollm2", "h2o", "r0.2", 2048, 64, "tokenwise")]
 # Issue 16's rows, tensor parallel: run once in one process (TP = 1) and once under
 # `torchrun --nproc-per-node 2` (TP = 2); a row whose options say {"tp": k} runs only at world size k.
 # The 70B shape at 64k: 138 GB (128.5 GiB) of bf16 weights + a full cache of 20 GiB (80 layers x 8 KV
@@ -369,7 +424,7 @@ def main(argv=None):
                                                   copy_bandwidth_ranks=bws), indent=1))
         cells = [row["model"], row["impl"], row["policy"], row.get("budget", "-"), row["ctx"], row["batch"], row.get("mode", "-"),
                  f"{row['prefill_tok_s']:.0f}", f"{row.get('prefill_vs_full', float('nan')):.2f}",
-                 f"{row['decode_tok_s']:.1f}", f"{row.get('ms_per_step', 0):.2f}",
+                 f"{row['decode_tok_s']:.1f}" if "decode_tok_s" in row else "-", f"{row.get('ms_per_step', 0):.2f}",
                  f"{row.get('peak_gb', 0):.2f}", f"{row.get('kv_bytes', 0) / 2**20:.0f}",
                  f"{row['pct_bound']:.0f}" if row.get("pct_bound") else "-", f"{row.get('compile_s', 0):.0f}"]
         if tp_mode:
@@ -407,6 +462,19 @@ def main(argv=None):
             base_class = fast.KVCache if isinstance(m, fast.model.Transformer) else reference_cache.KVCache
             cache_class = tp.rank_cache_class(base_class, rank * m.cfg.n_kv_heads)
         try:
+            if mode == ["tokenwise"]:  # one row per way of running the calls; "prefill tok/s" is the feed's
+                if tp_mode:
+                    say(f"# {model_name} {pol} {budget} {ctx} tokenwise: not under tensor parallelism, skipped")
+                    continue
+                ways = ["eager"] if args.reference else ["eager", "graph"] + ([] if args.no_compile else ["compiled"])
+                tw = bench_tokenwise(m, pol, budget, ctx, batch, device, ways)
+                for r in tw:
+                    r.update(model=model_name, impl=f"ours, {r['way']}", policy=pol, budget=budget, ctx=ctx,
+                             batch=batch, mode="streaming, chunk 1")
+                    emit(r)
+                say(f"# tokenwise {pol}: " + ", ".join(f"{r['way']} {r['vs_eager']:.2f}x the eager feed (next tokens"
+                                                         f" agree: {100 * r['agree']:.0f}%)" for r in tw[1:]))
+                continue
             r = bench_ours(m, pol, budget, ctx, batch, args.new_tokens, not args.no_compile, device, *mode,
                            profile=args.profile, cache_class=cache_class, vs_full=opts.get("vs_full", True),
                            reps=args.prefill_reps, graph=not args.no_graph)

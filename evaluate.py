@@ -229,6 +229,17 @@ class Reuse:
             self.held[B] = (cache, step)
 
 
+def steady_step(model, cache, setup: Setup):
+    """The step for a cache's steady calls (after the first, all of one shape: with --chunk 1 the
+    token-by-token calls, each a decode step), or None: --graph replays the eager step as a CUDA
+    graph (fast.graph_decode), --compile compiles it too (fast.compile_decode). A run here goes
+    through dozens of policies and caches in one process, one step per cache: a graph costs a few
+    eager calls to capture, a compile seconds per policy form, which is why the suite asks for --graph."""
+    if not (setup.compile or setup.graph):
+        return None
+    return fast.compile_decode(model, cache) if setup.compile else fast.graph_decode(model, cache)
+
+
 def _gather(out, logits, tokens, s: int, first: int) -> None:
     """out[:, j] = log p(tokens[:, j + 1]) from logits (B, n, V) of columns s..s+n, for j >= first."""
     T = tokens.shape[1]
@@ -261,7 +272,7 @@ def token_logprobs(model, tokens, policy, budget, setup: Setup, *, pad=None, pro
     for s, e in call_spans(_first(policy), _lowest(budget), setup, T, prompt_len):
         if (setup.compile or setup.graph) and s > 0 and e - s == setup.chunk and cache.budget is not None:
             if step is None:  # the steady calls, all of one shape: one step for them all
-                step = fast.compile_decode(model, cache) if setup.compile else fast.graph_decode(model, cache)
+                step = steady_step(model, cache, setup)
                 if reuse is not None:
                     reuse.keep_step(cache, step)
             logits = step(tokens[:, s:e])
@@ -545,12 +556,16 @@ def seen_masks(model, tokens, policy, budget, setup: Setup, tick=lambda n: None)
     if setup.mode != "streaming" or setup.chunk != 1:
         raise ValueError("mask-sim records what each row saw, row by row: use --mode streaming --chunk 1 (or --method masked)")
     cache = make_cache(model, policy, budget, setup, B, T, None)
+    step = steady_step(model, cache, setup) if cache.budget is not None else None
     spans = call_spans(policy, budget, setup, T)
     onehot = torch.eye(T, dtype=torch.bool, device=tokens.device)
     for s, e in spans:
         if e - s == 1:  # row s sees what was kept after the previous call, and itself
             yield s, [cache.kept_mask(layer, T) | onehot[s] for layer in range(model.cfg.n_layers)]
-        model(tokens[:, s:e], cache)
+        if step is not None and s > 0:
+            step(tokens[:, s:e])
+        else:
+            model(tokens[:, s:e], cache)
         tick(1)
 
 
@@ -629,11 +644,14 @@ def run_needle(model, tok, args, setup: Setup) -> list[dict]:
             budget = budget_for(size, L)
             policy = make_variant(v, budget, setup.flags)
             cache = make_cache(model, policy, budget, setup, len(cells), L + args.new_tokens, None)
+            step = steady_step(model, cache, setup)  # the decode steps, and the prompt's one-token calls after the first
             with torch.no_grad():
                 for s, e in call_spans(policy, budget, setup, L - 1, L - 1, horizon=L + args.new_tokens):  # all but the last
-                    model(prompts[:, s:e], cache)
+                    if step is not None and s > 0 and e - s == 1:
+                        step(prompts[:, s:e])
+                    else:
+                        model(prompts[:, s:e], cache)
                     bar.update()
-            step = fast.compile_decode(model, cache) if setup.compile else None
             new, _ = generate.generate(model, prompts[:, -1:], cache, args.new_tokens, step=step)
             bar.update(args.new_tokens)
             answers = [tok.decode(row) for row in new.tolist()]
@@ -886,7 +904,7 @@ SUITE = {  # stage -> command line, in order of priority: the GPU plan (README "
     "needle": "needle --policies full,window,sink,h2o,a2sf,snapkv --budgets 128,512 --lengths 1024,2048,4096 --limit 4 "
               "--mode prefill",
     "ppl1": "ppl --policies window,sink,h2o,a2sf --budgets 256 --tokens 4096 --limit 4 --graph",
-    "mask-sim": "mask-sim --policies window,sink,h2o,a2sf,tova,vatp --ratio 0.2 --tokens 512 --limit 2",
+    "mask-sim": "mask-sim --policies window,sink,h2o,a2sf,tova,vatp --ratio 0.2 --tokens 512 --limit 2 --graph",
 }
 
 

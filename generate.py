@@ -67,16 +67,26 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g
 
 # -- running the model through a cache ------------------------------------------------------------
 
-def feed(model, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+def feed(model, tokens: torch.Tensor, cache: KVCache, last_only: bool = False, step=None) -> torch.Tensor:
     """Run tokens (B, T) through the cache in the calls its mode takes: chunks of `chunk` rows in
-    streaming mode, the whole prompt at once in prefill mode. -> logits (B, T, V), or (B, 1, V)."""
+    streaming mode, the whole prompt at once in prefill mode. -> logits (B, T, V), or (B, 1, V).
+
+    step(tokens (B, 1)) -> logits (B, 1, V), if given, runs the one-token calls of a chunk-1 stream
+    after the first: each is a decode step (fast.compile_decode, fast.graph_decode). The first
+    stays `model(...)`: into an empty cache the fast model takes its prompt path."""
     T = tokens.shape[1]
-    step = T if cache.mode == "prefill" or cache.budget is None else cache.chunk
+    n = T if cache.mode == "prefill" or cache.budget is None else cache.chunk  # rows per call
     outs = []
-    for s in range(0, T, step):
-        logits = model(tokens[:, s:s + step], cache)
-        outs.append(logits[:, -1:] if last_only else logits)
-    return outs[-1] if last_only else torch.cat(outs, dim=1)
+    for s in range(0, T, n):
+        if step is not None and n == 1 and s > 0:
+            logits = step(tokens[:, s:s + 1]).clone()  # a CUDA-graph step returns one buffer every call
+        else:
+            logits = model(tokens[:, s:s + n], cache)
+        if last_only:
+            outs = [logits[:, -1:]]  # only the last is kept, not every call's
+        else:
+            outs.append(logits)
+    return torch.cat(outs, dim=1)
 
 
 @torch.no_grad()
@@ -84,12 +94,12 @@ def generate(model, prompt: torch.Tensor, cache: KVCache, max_new_tokens: int, *
              top_k=0, top_p=1.0, seed=0, eos_id=None, on_token=None, step=None):
     """prompt (B, T) -> new tokens (B, N) and timings {prefill_s, decode_s}. Stops after an
     `eos_id` (batch 1; the EOS itself is not returned or passed to on_token). step(tokens (B, 1))
-    -> logits runs each decode step (default the eager `model(tokens, cache)`; fast.compile_decode
-    gives a compiled one)."""
+    -> logits runs each decode step, and a chunk-1 stream's prompt calls after the first (`feed`;
+    default the eager `model(tokens, cache)`; fast.compile_decode gives a compiled one)."""
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     t0 = time.perf_counter()
-    logits = feed(model, prompt, cache, last_only=True)[:, -1]
+    logits = feed(model, prompt, cache, last_only=True, step=step)[:, -1]
     sync()
     t1 = time.perf_counter()
     step = step or (lambda tokens: model(tokens, cache))
@@ -275,6 +285,11 @@ def run(args) -> int:
         if args.reference:
             raise ValueError("--compile compiles the fast path: drop --reference")
         step = fast.compile_decode(model, cache)
+    elif not args.reference and cache.mode == "streaming" and cache.chunk == 1 and cache.budget is not None \
+            and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        # token-by-token eviction: each prompt call after the first is a decode step (feed), replayed
+        # as a CUDA graph; graph_decode, not compile_decode: one prompt does not repay a compile
+        step = fast.graph_decode(model, cache)
 
     print(f"--- prompt ({T} tokens{', chat template' if use_chat else ''}) ---\n{args.prompt}\n--- {args.policy} ---")
     printed, new_ids = "", []

@@ -3,8 +3,10 @@ with each block compiled by torch.compile and, on CUDA, the whole call replayed 
 
 The cache's state is updated in place and the step never syncs with the host, so the graph replays
 on the same memory every step. Its Python side (the cache's host-side bookkeeping included) runs
-once, at capture: capture a step only once the cache is in its steady state (full and evicting, or
-a preallocated `full` cache). Tests hold each step equal to the eager one (tests/test_fast.py,
+once, at capture: capture a step only once the cache is in its steady state (full and evicting, a
+preallocated `full` cache, or a streaming chunk-1 cache after its first call: its storage is
+`budget + 1` slots from the start, so generate.feed runs a prompt's later calls through the step).
+Tests hold each step equal to the eager one (tests/test_fast.py, tests/test_tokenwise.py,
 tests/test_gpu.py).
 """
 
