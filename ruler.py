@@ -27,9 +27,16 @@ Settings (--mode prefill, the default here, kvpress's):
 - agnostic: only the context (instruction and haystack) goes in as the first call and is
   compressed; then the question goes in `--chunk` tokens per call, then the answer. The budget is
   fixed, so each later token evicts one (kvpress instead keeps the question on top of the
-  compressed context).
+  compressed context). Questions of different token lengths share a batch (`layout`).
 With --mode streaming every token is evicted as it comes, so the two settings are the same run.
 The budget is round(ratio x prompt tokens) in both settings (the longest prompt of a batch).
+
+On a GPU, give --graph: the calls of one token (the answer's, the question's) replay the eager step
+as a CUDA graph (fast.graph_decode, one per cache): a 135M model's eager call is bound by launching
+its few thousand small kernels, which a replay launches at once.
+Over GPUs: `torchrun --nproc-per-node 2 evaluate.py ruler ... --out F` shares the cells (policy x
+size x setting x task x length) between the ranks and writes the file one process writes; the same
+command again computes only the cells not finished (sweep.py).
 """
 
 from __future__ import annotations
@@ -39,7 +46,6 @@ import math
 import random
 import re
 import string
-import time
 import uuid
 import zipfile
 from dataclasses import asdict
@@ -50,6 +56,8 @@ import torch
 
 import data
 import evaluate
+import fast
+import sweep
 
 WONDERWORDS = ("wonderwords", "3.0.1")  # MIT; word lists in wonderwords/assets/*.txt
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -350,43 +358,88 @@ def feed_spans(policy, budget, setup, T: int, first: int, new_tokens: int) -> li
     return evaluate.call_spans(policy, budget, setup, T, horizon=T + new_tokens)
 
 
+def layout(samples: list[dict], setting: str) -> tuple[list[int], int, int, int]:
+    """How a batch goes in -> (each row's first part, F: the longest first part, R: the longest rest,
+    T: the longest prompt). The first parts (end: the whole prompt; agnostic: the context) are
+    left-padded to F columns and go in as one call; then each row's rest (agnostic: its question), a
+    token per call. A row whose question is shorter starts answering sooner (its answer's tokens go in
+    beside the others' question tokens), so questions of any length share a batch, and every row sees
+    its own text in order, as it would alone (a test holds it)."""
+    firsts = [s["context_len"] if setting == "agnostic" else len(s["tokens"]) for s in samples]
+    rest = max(len(s["tokens"]) - f for s, f in zip(samples, firsts))
+    return firsts, max(firsts), rest, max(len(s["tokens"]) for s in samples)
+
+
+def plan(policy, budget, setup, F: int, R: int, new_tokens: int) -> tuple[list[tuple[int, int]], int]:
+    """(the calls that feed the padded prompt, the rest's tokens left to go in a token per call): with
+    --chunk > 1 the rest goes in chunk-token calls (batches() gives such a batch one question length)."""
+    if setup.chunk > 1 and R:
+        return feed_spans(policy, budget, setup, F + R, F, new_tokens), 0
+    return feed_spans(policy, budget, setup, F, F, R + new_tokens), R
+
+
+def one_token_step(model, cache, setup):
+    """What runs the calls of one token after the first call: --graph, fast.graph_decode (on CUDA the
+    eager step captured as one CUDA graph per cache, after two eager calls); --compile,
+    fast.compile_decode; else the eager forward. The cache's shapes are fixed by then (an evicting
+    cache holds its budget + chunk slots, a `full` one its preallocated max_len), as a graph needs."""
+    if setup.compile:
+        return fast.compile_decode(model, cache)
+    if setup.graph:
+        return fast.graph_decode(model, cache)
+    return lambda tokens: model(tokens, cache)
+
+
 @torch.no_grad()
 def answer(model, tok, samples: list[dict], variant: str, size, setup, setting: str, new_tokens: int,
            tick=lambda n: None) -> tuple[list[str], int | None]:
-    """Greedy answers of a batch of samples (left-padded) under one policy and size -> (texts, budget)."""
+    """Greedy answers of a batch of samples under one policy and size -> (texts, budget). The prompts
+    go in as layout() says; from then on each call feeds one token per row: the row's next rest token
+    while it has one, else its own last greedy prediction."""
     B = len(samples)
-    T = max(len(s["tokens"]) for s in samples)
-    pad = [T - len(s["tokens"]) for s in samples]
-    tokens = torch.tensor([[0] * p + s["tokens"] for p, s in zip(pad, samples)], device=model.device)
+    firsts, F, R, T = layout(samples, setting)
     budget = evaluate.budget_for(size, T)
     policy = evaluate.make_variant(variant, budget, setup.flags)
-    first = T - (len(samples[0]["tokens"]) - samples[0]["context_len"]) if setting == "agnostic" else T
-    cache = evaluate.make_cache(model, policy, budget, setup, B, T + new_tokens, pad)
-    for s, e in feed_spans(policy, budget, setup, T, first, new_tokens):
-        logits = model(tokens[:, s:e], cache)
+    spans, R = plan(policy, budget, setup, F, R, new_tokens)
+    if spans[-1][1] > F and len({len(s["tokens"]) - f for s, f in zip(samples, firsts)}) > 1:
+        raise ValueError("--chunk > 1 feeds the questions in chunks: give a batch one question length")
+    width = spans[-1][1]  # the columns the spans feed: F, or F + R when the rest goes in chunks
+    pad = [F - f for f in firsts]
+    rows = [[0] * p + s["tokens"] for p, s in zip(pad, samples)]  # (B, F + its rest) left-padded
+    head = torch.tensor([r[:width] for r in rows], device=model.device)  # (B, width)
+    rest = torch.tensor([r[width:] + [0] * (width + R - len(r)) for r in rows], device=model.device)  # (B, R)
+    lens = torch.tensor([len(r) - width for r in rows], device=model.device)  # (B,) each row's rest
+    cache = evaluate.make_cache(model, policy, budget, setup, B, width + R + new_tokens, pad)
+    one = one_token_step(model, cache, setup)
+    for s, e in spans:
+        logits = one(head[:, s:e]) if s > 0 and e - s == 1 else model(head[:, s:e], cache)
         tick(1)
-    out = []
     eos = getattr(tok, "eos_id", None)
-    done = torch.zeros(B, dtype=torch.bool, device=model.device)
-    for i in range(new_tokens):
-        nxt = logits[:, -1].argmax(-1)  # greedy
-        out.append(nxt)
+    preds, done = [], torch.zeros(B, dtype=torch.bool, device=model.device)
+    for i in range(R + new_tokens):
+        pred = logits[:, -1].argmax(-1)  # (B,) greedy: for a row past its rest, its answer token i - lens
+        preds.append(pred)
+        answering = lens <= i
+        done |= i + 1 - lens >= new_tokens  # its answer is whole
         if eos is not None:
-            done |= nxt == eos
-        if i == new_tokens - 1 or bool(done.all()):
+            done |= answering & (pred == eos)
+        if i == R + new_tokens - 1 or bool(done.all()):
             break
-        logits = model(nxt[:, None], cache)
+        logits = one((torch.where(answering, pred, rest[:, i]) if i < R else pred)[:, None])
         tick(1)
-    new = torch.stack(out, dim=1).tolist()
     texts = []
-    for row in new:
+    for row, n in zip(torch.stack(preds, dim=1).tolist(), lens.tolist()):
+        row = row[n:n + new_tokens]
         if eos is not None and eos in row:
             row = row[:row.index(eos)]
         texts.append(tok.decode(row))
     return texts, budget
 
 
-def run_ruler(model, tok, args, setup) -> list[dict]:
+def run_ruler(model, tok, args, setup) -> list[dict] | None:
+    """Every policy x size x setting x task x length, one work cell each (sweep.py: under torchrun the
+    ranks share the cells; each finished cell is kept, a rerun computes only the rest). A cell's result
+    is its whole row, so the results file is built from the cells alone (rank 0), the same for any N."""
     if setup.method != "real":
         raise ValueError("ruler decodes through the real cache: use --method real")
     for t in args.task_list:
@@ -401,55 +454,68 @@ def run_ruler(model, tok, args, setup) -> list[dict]:
         if L > model.cfg.max_seq_len:
             raise ValueError(f"--lengths {L} is past the model's context of {model.cfg.max_seq_len}")
     n = args.limit or 4
-    cells = [(t, L) for t in args.task_list for L in args.lengths]
-    samples = {c: [sample(tok, c[0], c[1], i, args.seed) for i in range(n)] for c in cells}
+    pairs = [(t, L) for t in args.task_list for L in args.lengths]
+    samples = {c: [sample(tok, c[0], c[1], i, args.seed) for i in range(n)] for c in pairs}
     runs = [(v, s, st) for v in args.policy_list for s in (evaluate.sizes_from(args, "ratio=0.2") if v != "full" else [None])
             for st in (args.settings if v != "full" else args.settings[:1])]
     B = args.batch_size or 8
-    new = {c: args.new_tokens or samples[c][0]["new_tokens"] for c in cells}
-    def batches(setting, c) -> list[list[dict]]:  # agnostic: the question's tokens go in aligned: batch by their count
+    new = {c: args.new_tokens or samples[c][0]["new_tokens"] for c in pairs}
+
+    def batches(setting, c) -> list[list[dict]]:  # --chunk > 1, agnostic: one question length a batch
         group: dict = {}
         for s in samples[c]:
-            group.setdefault(len(s["tokens"]) - s["context_len"] if setting == "agnostic" else 0, []).append(s)
+            key = len(s["tokens"]) - s["context_len"] if setting == "agnostic" and setup.chunk > 1 else 0
+            group.setdefault(key, []).append(s)
         return [same[i:i + B] for same in group.values() for i in range(0, len(same), B)]
 
-    def calls(v, size, setting, c):
+    def calls(cell) -> int:
+        v, size, setting, task, L = cell
         out = 0
-        for batch in batches(setting, c):
-            s = max(batch, key=lambda s: len(s["tokens"]))
-            T, budget = len(s["tokens"]), evaluate.budget_for(size, len(s["tokens"]))
-            first = s["context_len"] if setting == "agnostic" else T
-            policy = evaluate.make_variant(v, budget, setup.flags)
-            out += len(feed_spans(policy, budget, setup, T, first, new[c])) + new[c] - 1
+        for batch in batches(setting, (task, L)):
+            _, F, R, T = layout(batch, setting)
+            budget = evaluate.budget_for(size, T)
+            spans, R = plan(evaluate.make_variant(v, budget, setup.flags), budget, setup, F, R, new[task, L])
+            out += len(spans) + R + new[task, L] - 1
         return out
 
-    total = sum(calls(v, size, st, c) for v, size, st in runs for c in cells)
+    # a cell: (policy, size, setting, task, length); the shorter lengths first (a run cut short keeps
+    # them whole), in each length `full` first (what every policy is read against), the rest in a fixed
+    # shuffled order (rank r takes cells r, r + N, ...: shuffled, the ranks' shares cost alike)
+    cells = []
+    for L in args.lengths:
+        block = [(v, size, st, task, L) for v, size, st in runs for task in args.task_list]
+        random.Random(f"ruler-cells-{L}").shuffle(block)
+        cells += sorted(block, key=lambda c: c[0] != "full")
     if args.dry_run:
-        return [{"calls": total}]
-    results = []
-    with evaluate.progress(total, "ruler") as bar:
-        for v, size, setting in runs:
-            for task, L in cells:
-                t0 = time.perf_counter()
-                preds, budgets = {}, []
-                for batch in batches(setting, (task, L)):
-                    texts, budget = answer(model, tok, batch, v, size, setup, setting, new[task, L], bar.update)
-                    budgets.append(budget)
-                    preds.update({s["index"]: t for s, t in zip(batch, texts)})
-                got = [score(preds[s["index"]], s["outputs"]) for s in samples[task, L]]
-                mean = float(np.mean(got))
-                results.append(dict(task=task, family=FAMILY[task], length=L, policy=v, size=size and dict([size]),
-                                    setting=setting if v != "full" else "full", mode=setup.mode,
-                                    budget=None if budgets[0] is None else max(budgets), budgets=budgets,
-                                    score=mean, stderr=float(np.std(got, ddof=1) / math.sqrt(len(got))) if len(got) > 1 else 0.0,
-                                    n=len(got), scores=got, outputs=[s["outputs"] for s in samples[task, L]],
-                                    predictions=[preds[s["index"]] for s in samples[task, L]],
-                                    prompt_tokens=[len(s["tokens"]) for s in samples[task, L]],
-                                    seconds=time.perf_counter() - t0,
-                                    policy_fields=asdict(evaluate.make_variant(v, budgets[0], setup.flags))))
-                evaluate.say(f"ruler {task} {L} {v} {evaluate.size_label(size)} {results[-1]['setting']}:"
-                             f" {mean:.2f} (n={len(got)})")
-    return results
+        return [{"calls": sum(map(calls, cells))}]
+
+    def compute(cell, bar) -> dict:
+        v, size, setting, task, L = cell
+        preds, budgets = {}, []
+        for batch in batches(setting, (task, L)):
+            texts, budget = answer(model, tok, batch, v, size, setup, setting, new[task, L], bar.update)
+            budgets.append(budget)
+            preds.update({s["index"]: t for s, t in zip(batch, texts)})
+        mine = samples[task, L]
+        got = [score(preds[s["index"]], s["outputs"]) for s in mine]
+        mean = float(np.mean(got))
+        evaluate.say(f"ruler {task} {L} {v} {evaluate.size_label(size)} {setting if v != 'full' else 'full'}:"
+                     f" {mean:.2f} (n={len(got)})")
+        if model.device.type == "cuda" and torch.cuda.memory_reserved(model.device) > 16 * 2**30:
+            evaluate.free_memory()  # caches and graphs wait for the garbage collector (a reference cycle)
+        return dict(task=task, family=FAMILY[task], length=L, policy=v, size=size and dict([size]),
+                    setting=setting if v != "full" else "full", mode=setup.mode,
+                    budget=None if budgets[0] is None else max(budgets), budgets=budgets,
+                    score=mean, stderr=float(np.std(got, ddof=1) / math.sqrt(len(got))) if len(got) > 1 else 0.0,
+                    n=len(got), scores=got, outputs=[s["outputs"] for s in mine],
+                    predictions=[preds[s["index"]] for s in mine], prompt_tokens=[len(s["tokens"]) for s in mine],
+                    policy_fields=asdict(evaluate.make_variant(v, budgets[0], setup.flags)))
+
+    done = sweep.run(args.out, sweep.config_of(args), "ruler", cells, compute, calls)
+    if done is None:  # another rank of a sweep: rank 0 writes the file
+        return None
+    return [{**done[v, size, st, task, L]["result"], "seconds": done[v, size, st, task, L]["seconds"]}
+            for v, size, st in runs for task, L in pairs]
 
 
 def plot(plt, rows, metric=None):

@@ -1,16 +1,21 @@
 """RULER-style tasks: each prompt holds its answers where the depth says, the scorer is RULER's, and the
 subcommand runs on a tiny model (full's answers equal greedy decoding by plain forwards)."""
 
+import copy
+import importlib.util
 import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import tiny_model
 from test_evaluate import CharTokenizer
 
+import cache as cache_mod
 import evaluate
+import fast
 import ruler
 
 TOK = CharTokenizer()  # one token per character: token offsets are character offsets
@@ -134,5 +139,105 @@ def test_ruler_subcommand_smoke(tiny, tmp_path):
     want = tok.decode(greedy_by_forwards(m, s["tokens"], 6))
     assert full["predictions"][1] == want.split(chr(0))[0]
     assert evaluate.plot_file(out).exists() and rec["config"]["mode"] == "prefill"
+    cut = tmp_path / "cut.json"  # a run cut short: the table and the plot from its cells alone
+    assert table_maker().main([str(out.with_suffix(".cells")), "--save", str(cut)]) == 0
+    key = lambda r: (r["task"], r["policy"], str(r["size"]), r["setting"])  # noqa: E731
+    assert sorted(json.loads(cut.read_text())["results"], key=key) == sorted(rows, key=key)
+    assert evaluate.plot_file(cut).exists()
     assert evaluate.parser().parse_args(["ppl"]).mode == "streaming"  # ruler's default is its own
     assert evaluate.main(argv[:-2] + ["--tasks", "qa_1"], *tiny) == 2
+
+
+def questions_of_different_lengths(tok, n=3):
+    samples = [ruler.sample(tok, "niah_multiquery", 1200, i) for i in range(n)]
+    assert len({len(s["tokens"]) - s["context_len"] for s in samples}) == n  # the keys' words differ in length
+    return samples
+
+
+def by_hand(m, tok, s, variant, budget, setting, n):
+    """One sample through a plain cache.KVCache: its first part in one call (agnostic: the context;
+    end: the whole prompt), the rest a token per call, then n greedy tokens (cut at EOS)."""
+    cache = cache_mod.KVCache(m.cfg, evaluate.make_variant(variant, budget, {}), budget, mode="prefill")
+    ids = s["tokens"]
+    first = s["context_len"] if setting == "agnostic" else len(ids)
+    with torch.no_grad():
+        logits = m(torch.tensor([ids[:first]]), cache)
+        for t in ids[first:]:
+            logits = m(torch.tensor([[t]]), cache)
+        out = []
+        for _ in range(n):
+            out.append(int(logits[0, -1].argmax()))
+            logits = m(torch.tensor([out[-1:]]), cache)
+    return tok.decode(out).split(chr(0))[0]
+
+
+@pytest.mark.parametrize("variant,setting", [(v, "agnostic") for v in ("full", "a2sf", "window", "snapkv")]
+                         + [("a2sf", "end")])
+def test_a_batch_answers_as_each_sample_alone(tiny, variant, setting):
+    """Agnostic: rows whose questions differ in length share a batch, a row answering while another
+    still reads its question; each answers as it does alone, by hand (a fixed budget: the batch's
+    longest prompt would set a ratio's)."""
+    m, tok = tiny
+    samples = questions_of_different_lengths(tok)
+    budget = None if variant == "full" else 160
+    together, got = ruler.answer(m, tok, samples, variant, budget and ("budget", budget), evaluate.Setup(mode="prefill"),
+                                 setting, 10)
+    assert together == [by_hand(m, tok, s, variant, budget, setting, 10) for s in samples] and got == budget
+    assert len(set(together)) > 1  # not one text for all (the test would hold nothing)
+
+
+def test_question_chunks_need_one_question_length(tiny):
+    m, tok = tiny
+    samples = questions_of_different_lengths(tok)
+    setup = evaluate.Setup(mode="prefill", chunk=4)
+    one_length = [s for s in samples[:1]] * 2
+    texts, _ = ruler.answer(m, tok, one_length, "h2o", ("budget", 160), setup, "agnostic", 6)
+    assert texts[0] == texts[1] == ruler.answer(m, tok, samples[:1], "h2o", ("budget", 160), setup, "agnostic", 6)[0][0]
+    with pytest.raises(ValueError, match="one question length"):
+        ruler.answer(m, tok, samples, "h2o", ("budget", 160), setup, "agnostic", 6)
+
+
+@pytest.mark.parametrize("variant", ["full", "a2sf", "tova"])
+def test_graph_step_answers_as_the_reference(tiny, variant):
+    """--graph: the fast model (fast.enable, fast.KVCache) with the calls of one token through
+    fast.graph_decode (on the CPU the plain step; tests/test_fast.py holds the CUDA graph to it)
+    answers as the reference model does, question tokens and answer tokens alike."""
+    m, tok = tiny
+    samples = questions_of_different_lengths(tok)
+    size = None if variant == "full" else ("ratio", 0.3)
+    ref, _ = ruler.answer(m, tok, samples, variant, size, evaluate.Setup(mode="prefill"), "agnostic", 10)
+    quick = fast.enable(copy.deepcopy(m))
+    got, _ = ruler.answer(quick, tok, samples, variant, size, evaluate.Setup(mode="prefill", graph=True), "agnostic", 10)
+    assert got == ref
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["full", "sink", "h2o", "snapkv"])
+def test_cuda_graph_answers_as_eager_calls(tiny, variant):
+    """On CUDA, fp32: the answers with the CUDA-graph step equal those with eager calls of one token."""
+    m, tok = tiny
+    quick = fast.enable(copy.deepcopy(m)).cuda()
+    samples = questions_of_different_lengths(tok)
+    size = None if variant == "full" else ("ratio", 0.3)
+    eager, _ = ruler.answer(quick, tok, samples, variant, size, evaluate.Setup(mode="prefill"), "agnostic", 24)
+    graph, _ = ruler.answer(quick, tok, samples, variant, size, evaluate.Setup(mode="prefill", graph=True), "agnostic", 24)
+    assert graph == eager
+
+
+def table_maker():
+    spec = importlib.util.spec_from_file_location("ruler_table", Path(__file__).parents[1] / "scripts" / "ruler_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_maker_on_the_committed_cpu_run(capsys):
+    """scripts/ruler_table.py on results/ruler_cpu/ruler-1k.json: Wilson's intervals (8 of 8 right:
+    [0.68, 1]; 0 of 12: [0, 0.24]), pooled over the family's tasks, and kvpress's ordering beside ours."""
+    assert table_maker().main([str(Path(__file__).parents[1] / "results" / "ruler_cpu" / "ruler-1k.json")]) == 0
+    text = capsys.readouterr().out
+    assert "| retrieval (niah) | full (no eviction) | 8 | 1.00 [0.68, 1.00] |" in text
+    assert "| overall | h2o | 12 | 0.00 [0.00, 0.24] |" in text
+    assert "| retrieval (niah) | a2sf | 8 | 0.50 [0.22, 0.78] |" in text  # one task all right, one all wrong
+    assert "- ours, end, ratio 0.5: " in text and "TOVA > SnapKV >= StreamingLLM > ObservedAttention" in text

@@ -110,3 +110,35 @@ def test_cell_names():
     a = sweep.cell_path(Path("x"), cfg, ("h2o", ("ratio", 0.2), (0, 2)))
     assert a.name.startswith("h2o_ratio_0.2_0_2-") and a.suffix == ".json"
     assert sweep.cell_path(Path("x"), {**cfg, "limit": 4}, ("h2o", ("ratio", 0.2), (0, 2))) != a  # another command
+
+
+RULER_ARGV = ["ruler", "--tasks", "niah_single_1,fwe", "--lengths", "600", "--limit", "3", "--batch-size", "2",
+              "--policies", "full,a2sf,window", "--ratios", "0.3", "--new-tokens", "4"]
+RULER_CELLS = 2 * (1 + 2 * 2)  # tasks x (full, then a2sf and window x both settings)
+
+
+def _ruler(out):
+    torch.set_num_threads(1)
+    assert evaluate.main([*RULER_ARGV, "--out", str(out)], tiny_model("tiny-llama", max_seq_len=4096), CharTokenizer()) == 0
+
+
+def _ruler_rank(rank, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        _ruler(out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_ruler_equals_one_process_and_a_rerun_computes_nothing(tmp_path):
+    """evaluate.py ruler over two processes: the file one process writes; the same command again
+    finds every cell finished and computes none (their files untouched)."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    _ruler(one)
+    mp.spawn(_ruler_rank, args=(str(tmp_path / "store"), str(two)), nprocs=2, join=True)
+    assert _figures(two) == _figures(one)
+    assert {r["policy"] for r in _figures(one)["results"]} == {"full", "a2sf", "window"}
+    cells = {c: c.stat().st_mtime_ns for c in two.with_suffix(".cells").glob("*.json")}
+    assert len(cells) == RULER_CELLS
+    _ruler(two)
+    assert _figures(two) == _figures(one) and {c: c.stat().st_mtime_ns for c in cells} == cells
