@@ -56,7 +56,6 @@ import torch
 
 import data
 import evaluate
-import fast
 import sweep
 
 WONDERWORDS = ("wonderwords", "3.0.1")  # MIT; word lists in wonderwords/assets/*.txt
@@ -378,18 +377,6 @@ def plan(policy, budget, setup, F: int, R: int, new_tokens: int) -> tuple[list[t
     return feed_spans(policy, budget, setup, F, F, R + new_tokens), R
 
 
-def one_token_step(model, cache, setup):
-    """What runs the calls of one token after the first call: --graph, fast.graph_decode (on CUDA the
-    eager step captured as one CUDA graph per cache, after two eager calls); --compile,
-    fast.compile_decode; else the eager forward. The cache's shapes are fixed by then (an evicting
-    cache holds its budget + chunk slots, a `full` one its preallocated max_len), as a graph needs."""
-    if setup.compile:
-        return fast.compile_decode(model, cache)
-    if setup.graph:
-        return fast.graph_decode(model, cache)
-    return lambda tokens: model(tokens, cache)
-
-
 @torch.no_grad()
 def answer(model, tok, samples: list[dict], variant: str, size, setup, setting: str, new_tokens: int,
            tick=lambda n: None) -> tuple[list[str], int | None]:
@@ -410,7 +397,9 @@ def answer(model, tok, samples: list[dict], variant: str, size, setup, setting: 
     rest = torch.tensor([r[width:] + [0] * (width + R - len(r)) for r in rows], device=model.device)  # (B, R)
     lens = torch.tensor([len(r) - width for r in rows], device=model.device)  # (B,) each row's rest
     cache = evaluate.make_cache(model, policy, budget, setup, B, width + R + new_tokens, pad)
-    one = one_token_step(model, cache, setup)
+    # the calls of one token after the first: --graph / --compile replay them as a CUDA graph (evaluate.steady_step);
+    # the cache's shapes are fixed by then (an evicting cache holds budget + chunk slots, `full` its max_len)
+    one = evaluate.steady_step(model, cache, setup) or (lambda tokens: model(tokens, cache))
     for s, e in spans:
         logits = one(head[:, s:e]) if s > 0 and e - s == 1 else model(head[:, s:e], cache)
         tick(1)
