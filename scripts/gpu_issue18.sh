@@ -1,0 +1,32 @@
+# Device-machine runs for issue 18 (closer to the H200's limit, in fast/ only): the landed main (old/, the
+# files of commit 783c16e: `git worktree add /tmp/old 783c16e && mkdir -p old && cp /tmp/old/*.py old/`)
+# beside this checkout, every row of `bench.py --plan targets`, transformers' rows (default and static
+# compiled) from this checkout's run, and the token-by-token rows. Two calls on one warm nvidia-h200, back
+# to back (each well inside 600 s), carry [".whl", "old"]:
+#
+#   bash scripts/gpu_issue18.sh smollm2     old then new targets-smollm2, then scripts/tokenwise_ab.py old / .
+#   bash scripts/gpu_issue18.sh 7b          old then new targets-7b
+#
+# Each writes $OUT/r/{old,new}-PLAN.json and .log; `python scripts/ab_summary.py DIR` puts old and new side
+# by side (the medians when a phase ran more than once); transformers' rows are in new-PLAN.log.
+source scripts/gpu_setup.sh >/dev/null 2>&1
+export PYTHONUNBUFFERED=1
+mkdir -p $OUT/r
+quiet() { grep -v "Online softmax\|^\s*$\|warnings.warn\|UserWarning\|DEBUG\|_warn_once\|USDT"; }
+both() {  # both PLAN OLD_TIMEOUT NEW_TIMEOUT
+  (cd old && timeout $2 python bench.py --plan $1 --no-hf --weights random --out $OUT/r/old-$1.json 2>&1 | quiet \
+    | grep "^|\|^#\|Error" | grep -v "^|--" | tee $OUT/r/old-$1.log)
+  timeout $3 python bench.py --plan $1 --weights random --profile --out $OUT/r/new-$1.json 2>&1 | quiet > $OUT/r/new-$1.log
+  grep "^|\|^#\|Error" $OUT/r/new-$1.log | grep -v "^|--\|^| *Name"
+  python scripts/ab_summary.py $OUT/r | tee $OUT/r/ab-$1.md
+}
+case "$1" in
+smollm2)
+  both targets-smollm2 120 220
+  timeout 90 python scripts/tokenwise_ab.py old --tokens 1024 2>&1 | quiet | grep "##\|Error" | tee $OUT/r/tokenwise.log
+  timeout 120 python scripts/tokenwise_ab.py . --tokens 1024 2>&1 | quiet | grep "##\|Error" | tee -a $OUT/r/tokenwise.log
+  ;;
+7b)
+  both targets-7b 200 330
+  ;;
+esac
