@@ -368,6 +368,10 @@ def _hf_tokenizer(d: Path, config: dict) -> Tokenizer | None:
             ids[key] = backend.token_to_id(named) if isinstance(named, str) else None
             if ids[key] is None:
                 ids[key] = _token_id(config.get(key + "_id"), d / "config.json", key + "_id")
+                vocab = backend.get_vocab_size(with_added_tokens=True)
+                if ids[key] is not None and ids[key] >= vocab:
+                    raise LoadError(f"{d / 'config.json'}: {key}_id is {ids[key]}, past the tokenizer's {vocab} tokens;"
+                                    " the file is damaged")
                 if ids[key] is not None and not isinstance(named, str):
                     special[key] = backend.id_to_token(ids[key])
         return Tokenizer(backend, ids["bos_token"], ids["eos_token"], template, special, where)

@@ -584,6 +584,8 @@ def test_valid_json_of_the_wrong_shape(tmp_path, valid, target, doc, words):
     ("rope_parameters", [1], "rope_parameters"),
     ("eos_token_id", [], None),  # no EOS
     ("eos_token_id", "2", "eos_token_id"),
+    ("bos_token_id", 2**32, "past the tokenizer's"),  # tokenizers' id_to_token overflowed (found by the default run)
+    ("bos_token_id", 10**6, "past the tokenizer's"),  # in range for tokenizers: a token id that does not exist
     ("architectures", 5, "architectures"),
 ])
 def test_config_values(tmp_path, valid, key, value, words):
