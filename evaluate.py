@@ -569,39 +569,50 @@ def seen_masks(model, tokens, policy, budget, setup: Setup, tick=lambda n: None)
         tick(1)
 
 
-def run_mask_sim(model, tok, args, setup: Setup) -> list[dict]:
+def run_mask_sim(model, tok, args, setup: Setup) -> list[dict] | None:
     """Cosine similarity of each policy's kept set to the ideal one (A2SF Table 2), averaged over
-    the rows that evicted (t > budget), layers, KV heads and texts."""
+    the rows that evicted (t > budget), layers, KV heads and texts. A cell (sweep.py): one policy
+    and size on every text; its result is its row."""
     args.tokens = args.tokens or 512
     texts = ppl_texts(tok, args)
     tokens = torch.tensor(list(texts.values()), device=model.device)
     T = tokens.shape[1]
     runs = [(v, s) for v in args.policy_list for s in sizes_from(args, "ratio=0.2")]
-    total = sum(1 if setup.method == "masked" else len(call_spans(make_variant(v, budget_for(s, T), setup.flags),
-                                                                   budget_for(s, T), setup, T)) for v, s in runs)
+
+    def calls(cell) -> int:
+        v, s = cell
+        return 1 if setup.method == "masked" else len(call_spans(make_variant(v, budget_for(s, T), setup.flags),
+                                                                 budget_for(s, T), setup, T))
+
     if args.dry_run:
-        return [{"calls": total}]
-    results, ideals = [], {}
-    with progress(total, "mask-sim") as bar:
-        for v, size in runs:
-            budget = budget_for(size, T)
-            if budget not in ideals:
-                ideals[budget] = ideal_keys(model, tokens, budget + 1, setup.flags.get("gqa") or "sum")
-            ideal = ideals[budget]
-            policy = make_variant(v, budget, setup.flags)
-            per_layer = torch.zeros(model.cfg.n_layers, device=model.device)
-            rows = 0
-            for t, seen in seen_masks(model, tokens, policy, budget, setup, tick=bar.update):
-                if t <= budget:
-                    continue  # nothing evicted yet: both sets hold every key
-                for layer, m in enumerate(seen):  # both sets hold budget + 1 keys: cosine = overlap / (budget + 1)
-                    per_layer[layer] += m.gather(-1, ideal[layer][:, :, t]).float().mean()  # mean over B, Hkv, keys
-                rows += 1
-            per_layer = (per_layer / max(rows, 1)).tolist()
-            results.append(dict(policy=v, size=dict([size]), budget=budget, tokens=T, texts=list(texts), rows=rows,
-                                cosine=float(np.mean(per_layer)), per_layer=per_layer, policy_fields=asdict(policy)))
-            say(f"mask-sim {v} budget {budget_label(budget)}: cosine {results[-1]['cosine']:.3f}")
-    return results
+        return [{"calls": sum(map(calls, runs))}]
+    ideals = {}  # budget -> the ideal keys (one full forward), shared by this process's cells
+
+    def compute(cell, bar) -> dict:
+        v, size = cell
+        budget = budget_for(size, T)
+        if budget not in ideals:
+            ideals[budget] = ideal_keys(model, tokens, budget + 1, setup.flags.get("gqa") or "sum")
+        ideal = ideals[budget]
+        policy = make_variant(v, budget, setup.flags)
+        per_layer = torch.zeros(model.cfg.n_layers, device=model.device)
+        rows = 0
+        for t, seen in seen_masks(model, tokens, policy, budget, setup, tick=bar.update):
+            if t <= budget:
+                continue  # nothing evicted yet: both sets hold every key
+            for layer, m in enumerate(seen):  # both sets hold budget + 1 keys: cosine = overlap / (budget + 1)
+                per_layer[layer] += m.gather(-1, ideal[layer][:, :, t]).float().mean()  # mean over B, Hkv, keys
+            rows += 1
+        per_layer = (per_layer / max(rows, 1)).tolist()
+        row = dict(policy=v, size=dict([size]), budget=budget, tokens=T, texts=list(texts), rows=rows,
+                   cosine=float(np.mean(per_layer)), per_layer=per_layer, policy_fields=asdict(policy))
+        say(f"mask-sim {v} budget {budget_label(budget)}: cosine {row['cosine']:.3f}")
+        return row
+
+    done = sweep.run(getattr(args, "out", None), sweep.config_of(args), "mask-sim", runs, compute, calls)
+    if done is None:  # another rank of a sweep: rank 0 writes the file
+        return None
+    return [done[c]["result"] for c in runs]
 
 
 # -- needle: passkey retrieval ----------------------------------------------------------------------
@@ -623,7 +634,9 @@ def needle_prompt(tok, filler: list[int], length: int, depth: float, key: str) -
     return intro + filler[:at] + needle + filler[at:n] + question
 
 
-def run_needle(model, tok, args, setup: Setup) -> list[dict]:
+def run_needle(model, tok, args, setup: Setup) -> list[dict] | None:
+    """Passkey retrieval: every key of every depth at one length in one batch. A cell (sweep.py): one
+    policy, size and length (all depths and keys); its result is its rows, one per depth."""
     filler = tok.encode("\n\n".join(data.essays().values()))
     rng = random.Random(args.seed)
     trials = args.limit or 2
@@ -631,38 +644,48 @@ def run_needle(model, tok, args, setup: Setup) -> list[dict]:
             for L in args.lengths]
     if setup.method != "real":
         raise ValueError("needle decodes through the real cache: use --method real")
-    total = sum(len(call_spans(make_variant(v, budget_for(s, L), setup.flags), budget_for(s, L), setup, L - 1, L - 1,
-                               L + args.new_tokens)) + args.new_tokens for v, s, L in runs)
+
+    def calls(cell) -> int:
+        v, s, L = cell
+        return len(call_spans(make_variant(v, budget_for(s, L), setup.flags), budget_for(s, L), setup, L - 1, L - 1,
+                              L + args.new_tokens)) + args.new_tokens
+
     if args.dry_run:
-        return [{"calls": total}]
+        return [{"calls": sum(map(calls, runs))}]
     keys = {(L, d, i): str(rng.randrange(10000, 100000)) for L in args.lengths for d in args.depths for i in range(trials)}
-    results = []
-    with progress(total, "needle") as bar:
-        for v, size, L in runs:
-            cells = [(d, i) for d in args.depths for i in range(trials)]
-            prompts = torch.tensor([needle_prompt(tok, filler, L, d, keys[L, d, i]) for d, i in cells], device=model.device)
-            budget = budget_for(size, L)
-            policy = make_variant(v, budget, setup.flags)
-            cache = make_cache(model, policy, budget, setup, len(cells), L + args.new_tokens, None)
-            step = steady_step(model, cache, setup)  # the decode steps, and the prompt's one-token calls after the first
-            with torch.no_grad():
-                for s, e in call_spans(policy, budget, setup, L - 1, L - 1, horizon=L + args.new_tokens):  # all but the last
-                    if step is not None and s > 0 and e - s == 1:
-                        step(prompts[:, s:e])
-                    else:
-                        model(prompts[:, s:e], cache)
-                    bar.update()
-            new, _ = generate.generate(model, prompts[:, -1:], cache, args.new_tokens, step=step)
-            bar.update(args.new_tokens)
-            answers = [tok.decode(row) for row in new.tolist()]
-            for d in args.depths:
-                got = [keys[L, d, i] in answers[j] for j, (dd, i) in enumerate(cells) if dd == d]
-                results.append(dict(policy=v, size=size and dict([size]), budget=budget, length=L,
-                                    depth=d, success=sum(got) / len(got), n=len(got),
-                                    answers=[a for a, (dd, _) in zip(answers, cells) if dd == d]))
-            say(f"needle {v} budget {budget_label(budget)} length {L}: "
-                      + " ".join(f"{r['depth']:g}:{r['success']:.2f}" for r in results[-len(args.depths):]))
-    return results
+
+    def compute(cell, bar) -> list[dict]:
+        v, size, L = cell
+        cells = [(d, i) for d in args.depths for i in range(trials)]
+        prompts = torch.tensor([needle_prompt(tok, filler, L, d, keys[L, d, i]) for d, i in cells], device=model.device)
+        budget = budget_for(size, L)
+        policy = make_variant(v, budget, setup.flags)
+        cache = make_cache(model, policy, budget, setup, len(cells), L + args.new_tokens, None)
+        step = steady_step(model, cache, setup)  # the decode steps, and the prompt's one-token calls after the first
+        with torch.no_grad():
+            for s, e in call_spans(policy, budget, setup, L - 1, L - 1, horizon=L + args.new_tokens):  # all but the last
+                if step is not None and s > 0 and e - s == 1:
+                    step(prompts[:, s:e])
+                else:
+                    model(prompts[:, s:e], cache)
+                bar.update()
+        new, _ = generate.generate(model, prompts[:, -1:], cache, args.new_tokens, step=step)
+        bar.update(args.new_tokens)
+        answers = [tok.decode(row) for row in new.tolist()]
+        rows = []
+        for d in args.depths:
+            got = [keys[L, d, i] in answers[j] for j, (dd, i) in enumerate(cells) if dd == d]
+            rows.append(dict(policy=v, size=size and dict([size]), budget=budget, length=L,
+                             depth=d, success=sum(got) / len(got), n=len(got),
+                             answers=[a for a, (dd, _) in zip(answers, cells) if dd == d]))
+        say(f"needle {v} budget {budget_label(budget)} length {L}: "
+            + " ".join(f"{r['depth']:g}:{r['success']:.2f}" for r in rows))
+        return rows
+
+    done = sweep.run(getattr(args, "out", None), sweep.config_of(args), "needle", runs, compute, calls)
+    if done is None:  # another rank of a sweep: rank 0 writes the file
+        return None
+    return [row for c in runs for row in done[c]["result"]]
 
 
 # -- results files and plots ------------------------------------------------------------------------

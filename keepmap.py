@@ -13,7 +13,8 @@ entered == left: evicted by the call that brought it in). The PNG has a column p
 chosen KV head (black: held) and the sum over KV heads (how many heads hold the token), with the
 text position up and the tokens fed so far across: StreamingLLM's sinks are the band along the
 bottom, the recent window is the diagonal edge, and H2O's old heavy hitters are the horizontal lines
-that A2SF's forgetting factor cuts short.
+that A2SF's forgetting factor cuts short. A policy and size is a work cell (sweep.py): under torchrun
+the ranks share them, rank 0 writes the results file and the picture, a rerun computes only the rest.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 import data
 import evaluate
+import sweep
 
 POLICIES = "window,sink,h2o,a2sf,vatp,tova"
 
@@ -122,18 +124,23 @@ def run_keep_map(model, tok, args, setup) -> list[dict]:
     n_calls = len(call_bounds(T, setup.mode, setup.chunk, prompt))
     if args.dry_run:
         return [{"calls": n_calls * len(runs)}]
-    results = []
-    with evaluate.progress(n_calls * len(runs), "keep-map") as bar:
-        for v, size in runs:
-            budget = evaluate.budget_for(size, prompt or T)
-            policy = evaluate.make_variant(v, budget, setup.flags)
-            rec = record(model, tokens, policy, budget, layer, mode=setup.mode, chunk=setup.chunk, prompt=prompt,
-                         positions=setup.positions, tick=bar.update)
-            results.append(dict(policy=v, size=size and dict([size]), budget=budget, text=name, tokens=T, layer=layer,
-                                kv_head=args.kv_head, mode=setup.mode, chunk=setup.chunk, prompt=prompt,
-                                token_text=[tok.decode([t]) for t in tokens],
-                                **summary(rec["intervals"], rec["calls"], budget), **rec,
-                                policy_fields=asdict(policy)))
+
+    def compute(cell, bar) -> dict:  # a cell (sweep.py): one policy and size; its result is its row
+        v, size = cell
+        budget = evaluate.budget_for(size, prompt or T)
+        policy = evaluate.make_variant(v, budget, setup.flags)
+        rec = record(model, tokens, policy, budget, layer, mode=setup.mode, chunk=setup.chunk, prompt=prompt,
+                     positions=setup.positions, tick=bar.update)
+        return dict(policy=v, size=size and dict([size]), budget=budget, text=name, tokens=T, layer=layer,
+                    kv_head=args.kv_head, mode=setup.mode, chunk=setup.chunk, prompt=prompt,
+                    token_text=[tok.decode([t]) for t in tokens],
+                    **summary(rec["intervals"], rec["calls"], budget), **rec,
+                    policy_fields=asdict(policy))
+
+    done = sweep.run(getattr(args, "out", None), sweep.config_of(args), "keep-map", runs, compute, lambda c: n_calls)
+    if done is None:  # another rank of a sweep: rank 0 writes the file and the picture
+        return None
+    results = [done[c]["result"] for c in runs]
     if not args.no_png:
         out = Path(args.out) if args.out else evaluate.RESULTS / f"keep-map-{time.strftime('%Y%m%d-%H%M%S')}.json"
         args.out = str(out)  # evaluate.save writes the results there; the picture goes beside it

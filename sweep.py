@@ -4,9 +4,9 @@
     torchrun --nproc-per-node 2 evaluate.py mc ... --out results/mc.json      # the same file, two GPUs
     (killed? run the same command again: only the unfinished cells are computed)
 
-A subcommand's work is a list of cells (mc: policy x ratio x slice of documents; ppl, mask-sim:
-policy x size; needle: policy x size x length; ruler: policy x size x setting x task x length),
-each a pure function of the command and the cell. Cell i is computed by rank i mod N (torchrun's
+A subcommand's work is a list of cells (mc: policy x ratio x slice of documents; ppl, mask-sim,
+keep-map: policy x size; needle: policy x size x length; ruler: policy x size x setting x task x
+length), each a pure function of the command and the cell. Cell i is computed by rank i mod N (torchrun's
 RANK, WORLD_SIZE), and written as it ends to
 `<out>.cells/<cell>-<hash>.json`, atomically (a temporary file, then os.replace: a reader sees the
 whole cell or none of it). The hash covers the command's configuration and the cell, so a rerun
@@ -17,7 +17,9 @@ single process does the same, so the file is the same for any N, after any numbe
 
 A run killed mid-way (one rank or all; torchrun ends the others when one fails) loses only the
 cells that were being computed. Each rank shows its own progress bar; rank 0 prints one summary
-line. The ranks share one file system (one host: torchrun --nproc-per-node).
+line. The ranks share one file system (one host: torchrun --nproc-per-node). Without a results
+file (out None: a caller of run_needle and the like, not the command line) one process computes
+every cell in memory and keeps none.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 BARRIER_TIMEOUT = datetime.timedelta(days=7)  # a rank may wait for the others' cells for hours
-NOT_CONFIG = {"out", "json", "dry_run", "time_budget", "ms_per_call", "stages", "set"}  # flags that change no result
+NOT_CONFIG = {"out", "json", "dry_run", "time_budget", "ms_per_call", "stages", "set", "no_png"}  # flags that change no result
 
 
 def init() -> None:
@@ -96,13 +98,25 @@ def run(out, config: dict, desc: str, cells: list, compute, calls=lambda cell: 1
     """Compute the unfinished cells of this rank, write each as it ends, and return on rank 0
     {cell: {"result", "seconds"}} for every cell (None on the other ranks).
 
-    out: the results file (the cells go in <out>.cells/); config: config_of(args); cells: hashable,
-    with a stable repr; compute(cell, bar) -> the cell's result (JSON: what is read back must be
+    out: the results file (the cells go in <out>.cells/; None: one process, nothing kept); config:
+    config_of(args); cells: hashable, with a stable repr; compute(cell, bar) -> the cell's result (JSON: what is read back must be
     what a single run uses, so rank 0 builds the results file from the files alone); bar: this
     rank's progress bar (bar.update(n) after each model call); calls(cell): its model calls."""
-    if out is None:
-        raise ValueError("a sweep needs its results file's path (--out): its cells go beside it")
     rank, n = rank_world()
+    if out is None:  # nowhere to keep cells: one process computes them all, in memory
+        if n > 1:
+            raise ValueError("a sweep needs its results file's path (--out): its cells go beside it")
+        t0 = time.perf_counter()
+        with tqdm(total=sum(calls(c) for c in cells), desc=desc, unit="call", file=sys.stderr, dynamic_ncols=True,
+                  mininterval=1.0) as bar:
+            done = {}
+            for c in cells:
+                t = time.perf_counter()
+                result = json.loads(json.dumps(compute(c, bar)))  # what a cell's file would give back
+                done[c] = dict(cell=repr(c), seconds=time.perf_counter() - t, result=result)
+        tqdm.write(f"{desc}: {len(cells)} cells in {time.perf_counter() - t0:.0f} s (none kept: no results file)",
+                   file=sys.stderr)
+        return done
     folder = Path(str(out)).with_suffix(".cells")
     folder.mkdir(parents=True, exist_ok=True)
     paths = [cell_path(folder, config, c) for c in cells]

@@ -142,3 +142,56 @@ def test_sharded_ruler_equals_one_process_and_a_rerun_computes_nothing(tmp_path)
     assert len(cells) == RULER_CELLS
     _ruler(two)
     assert _figures(two) == _figures(one) and {c: c.stat().st_mtime_ns for c in cells} == cells
+
+
+TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness. " * 2
+LOOPS = {  # the other subcommands that loop over cells, each small: kind -> (argv without --out, its cells)
+    "mask-sim": (["mask-sim", "--text", "TEXT", "--tokens", "60", "--policies", "window,h2o", "--ratios", "0.25,0.5"],
+                 2 * 2),  # policy x ratio
+    "needle": (["needle", "--policies", "full,window,h2o", "--budgets", "64", "--lengths", "260,300", "--depths", "0,1",
+                "--limit", "1", "--new-tokens", "4"], 3 * 2),  # (full, window and h2o at one budget) x 2 lengths
+    "keep-map": (["keep-map", "--text", "TEXT", "--tokens", "60", "--budget", "12", "--layer", "1",
+                  "--policies", "window,sink,h2o"], 3),  # policy at one budget
+}
+
+
+def _loops(folder):
+    """mask-sim, needle and keep-map one after another, each with its results file in `folder`
+    (the text beside it: ../text.txt)."""
+    torch.set_num_threads(1)
+    folder, m, tok = Path(folder), tiny_model("tiny-llama", max_seq_len=4096), CharTokenizer()
+    for kind, (argv, _) in LOOPS.items():
+        argv = [str(folder.parent / "text.txt") if a == "TEXT" else a for a in argv]
+        assert evaluate.main([*argv, "--out", str(folder / f"{kind}.json")], m, tok) == 0
+
+
+def _loops_rank(rank, store, folder):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        _loops(folder)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_mask_sim_needle_keep_map_equal_one_process_and_a_rerun_computes_nothing(tmp_path):
+    """evaluate.py mask-sim, needle and keep-map over two processes (one launch for the three): each
+    results file is the one one process writes; the same commands again find every cell finished
+    and compute none (their files untouched), and give the same files."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    (tmp_path / "text.txt").write_text(TEXT)
+    _loops(one)
+    mp.spawn(_loops_rank, args=(str(tmp_path / "store"), str(two)), nprocs=2, join=True)
+    cells = {}
+    for kind, (_, n_cells) in LOOPS.items():
+        a, b = _figures(one / f"{kind}.json"), _figures(two / f"{kind}.json")
+        assert a["kind"] == kind and len(a["results"]) > 1 and b == a
+        cells[kind] = {c: c.stat().st_mtime_ns for c in (two / f"{kind}.cells").glob("*.json")}
+        assert len(cells[kind]) == n_cells
+    assert (two / "keep-map.png").exists()
+    before = {kind: _figures(two / f"{kind}.json") for kind in LOOPS}
+    _loops(two)  # one process now, the same commands and files
+    for kind in LOOPS:
+        assert {c: c.stat().st_mtime_ns for c in (two / f"{kind}.cells").glob("*.json")} == cells[kind]
+        assert _figures(two / f"{kind}.json") == before[kind]
