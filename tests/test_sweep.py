@@ -35,10 +35,15 @@ def _main(out, model, tok):
     assert evaluate.main([*ARGV, "--out", str(out)], model, tok) == 0
 
 
-def _rank(rank, store, out):
+def _mc(out):
+    _main(out, *_setup())
+
+
+def _on_rank(rank, store, run, out):
+    """Rank `rank` of two (gloo, a file store): run(out), the same command as one process."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        _main(out, *_setup())
+        run(out)
     finally:
         dist.destroy_process_group()
 
@@ -58,8 +63,8 @@ def _killed(out, after):
     _main(out, model, tok)
 
 
-def _two_ranks(tmp_path, out):
-    mp.spawn(_rank, args=(str(tmp_path / f"store-{out.stem}"), str(out)), nprocs=2, join=True)
+def _two_ranks(tmp_path, out, run=_mc):
+    mp.spawn(_on_rank, args=(str(tmp_path / f"store-{Path(out).stem}"), run, str(out)), nprocs=2, join=True)
 
 
 def _figures(path):
@@ -122,20 +127,12 @@ def _ruler(out):
     assert evaluate.main([*RULER_ARGV, "--out", str(out)], tiny_model("tiny-llama", max_seq_len=4096), CharTokenizer()) == 0
 
 
-def _ruler_rank(rank, store, out):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        _ruler(out)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_sharded_ruler_equals_one_process_and_a_rerun_computes_nothing(tmp_path):
     """evaluate.py ruler over two processes: the file one process writes; the same command again
     finds every cell finished and computes none (their files untouched)."""
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     _ruler(one)
-    mp.spawn(_ruler_rank, args=(str(tmp_path / "store"), str(two)), nprocs=2, join=True)
+    _two_ranks(tmp_path, two, _ruler)
     assert _figures(two) == _figures(one)
     assert {r["policy"] for r in _figures(one)["results"]} == {"full", "a2sf", "window"}
     cells = {c: c.stat().st_mtime_ns for c in two.with_suffix(".cells").glob("*.json")}
@@ -165,14 +162,6 @@ def _loops(folder):
         assert evaluate.main([*argv, "--out", str(folder / f"{kind}.json")], m, tok) == 0
 
 
-def _loops_rank(rank, store, folder):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        _loops(folder)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_sharded_mask_sim_needle_keep_map_equal_one_process_and_a_rerun_computes_nothing(tmp_path):
     """evaluate.py mask-sim, needle and keep-map over two processes (one launch for the three): each
     results file is the one one process writes; the same commands again find every cell finished
@@ -182,7 +171,7 @@ def test_sharded_mask_sim_needle_keep_map_equal_one_process_and_a_rerun_computes
     two.mkdir()
     (tmp_path / "text.txt").write_text(TEXT)
     _loops(one)
-    mp.spawn(_loops_rank, args=(str(tmp_path / "store"), str(two)), nprocs=2, join=True)
+    _two_ranks(tmp_path, two, _loops)
     cells = {}
     for kind, (_, n_cells) in LOOPS.items():
         a, b = _figures(one / f"{kind}.json"), _figures(two / f"{kind}.json")
