@@ -163,15 +163,16 @@ def to_hf(m):
 
 
 def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step, device, mode="prefill", profile=False,
-               cache_class=None, vs_full=True, reps=None, seed=0, graph=True):
+               cache_class=None, vs_full=True, reps=None, seed=0, graph=True, dynamic=None):
     """mode prefill: the context in one call, then compress. streaming: calls of 512 rows, evicting
     after each, so even the prefill never holds more than budget + 512 tokens. cache_class: default
     fast.KVCache on a fast model, else cache.KVCache (a tensor-parallel rank passes
     tp.rank_cache_class's). vs_full False: no fused full prefill beside the row's (where the full
     cache does not fit; "prefill / full" is then nan). reps: timed prefills (default 5, 3 past 8k
     tokens). The prompt is drawn from `seed` (the same on every rank). graph False: the compiled
-    step without its CUDA graph. -> the row, with its greedy tokens (the prompt's next token, then
-    each decode step's) under "tokens" and, with profile, the all-reduce ms per step."""
+    step without its CUDA graph. dynamic: fast.compile_decode's. -> the row, with its greedy tokens
+    (the prompt's next token, then each decode step's) under "tokens" and, with profile, the
+    all-reduce ms per step."""
     cfg = m.cfg
     p = policies.make_policy(policy_name, budget)
     chunk = 512 if mode == "streaming" else 1
@@ -209,7 +210,7 @@ def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step,
     pol_s, full_s = pol_s[1:], full_s[1:] or (pol_s[1:] if p.keep_all else [])  # the warm-ups dropped
     prefill_s = statistics.median(pol_s)
     with torch.no_grad():
-        step = fast.compile_decode(m, cache) if compile_step else (lambda t: m(t, cache))
+        step = fast.compile_decode(m, cache, dynamic=dynamic) if compile_step else (lambda t: m(t, cache))
         step = step if graph else getattr(step, "step", step)  # CudaGraphStep.step: the compiled step alone
         nxt = logits.argmax(-1)[:, None]
         greedy = [nxt]
@@ -388,6 +389,8 @@ def main(argv=None):
                     " implied under torchrun with more than one process and by --plan tp; one process: TP = 1")
     ap.add_argument("--prefill-reps", type=int, default=None, help="timed prefills per row (default 5, 3 past 8k tokens)")
     ap.add_argument("--no-graph", action="store_true", help="the compiled decode step without its CUDA graph")
+    ap.add_argument("--static", action="store_true", help="compile each row's step for its cache size alone"
+                    " (torch.compile dynamic=False: what a process with one cache gets; fast.compile_decode)")
     args = ap.parse_args(argv)
     args.no_compile = args.no_compile or args.reference
     if args.tune:
@@ -477,7 +480,7 @@ def main(argv=None):
                 continue
             r = bench_ours(m, pol, budget, ctx, batch, args.new_tokens, not args.no_compile, device, *mode,
                            profile=args.profile, cache_class=cache_class, vs_full=opts.get("vs_full", True),
-                           reps=args.prefill_reps, graph=not args.no_graph)
+                           reps=args.prefill_reps, graph=not args.no_graph, dynamic=False if args.static else None)
         except torch.OutOfMemoryError:
             say(f"| {model_name} | ours | {pol} | {budget} | {ctx} | {batch} | out of memory |")
             gc.collect()

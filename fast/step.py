@@ -17,18 +17,22 @@ import torch
 from model import Block
 
 
-def compile_decode(model, cache, backend: str | None = None, warmup: int = 2):
+def compile_decode(model, cache, backend: str | None = None, warmup: int = 2, dynamic: bool | None = None):
     """The decode step, score update and eviction included, with each transformer block compiled
     by torch.compile (one compiled Block.forward serves every layer: same graph, other weights and
     cache tensors, so it compiles in seconds) and, on CUDA, the whole step captured as one CUDA
     graph. model: a fast.enable'd model (its forward takes block_fn). backend: default inductor on
     CUDA, aot_eager on the CPU (inductor's C++ backend fails on the scored step with torch 2.13:
-    KeyError in its outer-loop fusion; the CPU step is not launch-bound, so little is lost)."""
+    KeyError in its outer-loop fusion; the CPU step is not launch-bound, so little is lost).
+    dynamic: torch.compile's. In a process that compiles steps for caches of several sizes (bench.py's
+    rows), dynamo makes the storage size symbolic from the second size on, which rules out
+    inductor's split reductions (the eviction's argmin over the slots is one program per KV head);
+    False compiles each size as its own static graph, as a process with one cache gets."""
     backend = backend or ("inductor" if cache.device.type == "cuda" else "aot_eager")
     # every policy family and cache shape is one more compiled entry of Block.forward (evaluate.py
     # runs dozens in one process); past the default limit of 8, dynamo would fall back to eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-    block_fn = torch.compile(Block.forward, backend=backend, fullgraph=True)
+    block_fn = torch.compile(Block.forward, backend=backend, fullgraph=True, dynamic=dynamic)
     step = lambda tokens: model(tokens, cache, block_fn=block_fn)  # noqa: E731
     return CudaGraphStep(step, warmup) if cache.device.type == "cuda" else step
 

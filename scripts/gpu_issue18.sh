@@ -6,6 +6,8 @@
 #
 #   bash scripts/gpu_issue18.sh smollm2     old then new targets-smollm2, then scripts/tokenwise_ab.py old / .
 #   bash scripts/gpu_issue18.sh 7b          old then new targets-7b
+#   bash scripts/gpu_issue18.sh static PLAN this checkout's PLAN with --static (each row's step compiled for its
+#                                           own cache size), beside new-PLAN.json of the phase above
 #
 # Each writes $OUT/r/{old,new}-PLAN.json and .log; `python scripts/ab_summary.py DIR` puts old and new side
 # by side (the medians when a phase ran more than once); transformers' rows are in new-PLAN.log.
@@ -28,5 +30,9 @@ smollm2)
   ;;
 7b)
   both targets-7b 200 330
+  ;;
+static)
+  timeout 300 python bench.py --plan $2 --no-hf --weights random --static --out $OUT/r/static-$2.json 2>&1 | quiet \
+    | grep "^|\|^#\|Error" | grep -v "^|--" | tee $OUT/r/static-$2.log
   ;;
 esac

@@ -51,7 +51,8 @@ def test_bench_under_two_ranks_equals_one_process(tmp_path, capsys):
             for p in ctx.processes:
                 p.kill()
             pytest.fail("bench.py on two ranks did not finish in 240 s")
-    bench.main(ARGV + ["--tp", "--out", str(tmp_path / "tp1.json")])  # one process, the same weights: TP = 1
+    # one process, the same weights: TP = 1; its steps compiled each for its own cache size (--static)
+    bench.main(ARGV + ["--tp", "--static", "--out", str(tmp_path / "tp1.json")])
     one_out = capsys.readouterr().out
 
     out0, out1 = (tmp_path / "stdout0.txt").read_text(), (tmp_path / "stdout1.txt").read_text()

@@ -333,6 +333,27 @@ def test_compiled_decode_step_equals_the_reference_step(policy_name, backend):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it was compiled, not run eagerly
 
 
+def test_static_compiled_steps_for_caches_of_two_sizes_equal_the_reference_step():
+    """compile_decode(dynamic=False), as bench.py --static compiles each row's step: two caches of
+    different sizes in one process, each step compiled for its own size, each equal to the
+    reference model's eager step (logits and kept positions)."""
+    torch._dynamo.reset()
+    ref, m = twins()
+    tokens = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(11))
+    for budget in (8, 13):
+        p = policies.make_policy("h2o", budget)
+        slow = cache_mod.KVCache(ref.cfg, p, budget, batch=2)
+        quick = fast.KVCache(ref.cfg, p, budget, batch=2)
+        with torch.no_grad():
+            for i in range(16):
+                ref(tokens[:, i:i + 1], slow), m(tokens[:, i:i + 1], quick)
+            step = fast.compile_decode(m, quick, backend="aot_eager", dynamic=False)
+            for i in range(16, 30):
+                torch.testing.assert_close(step(tokens[:, i:i + 1].clone()), ref(tokens[:, i:i + 1], slow),
+                                           rtol=0, atol=1e-5)
+        assert [quick.kept_positions(k) for k in range(2)] == [slow.kept_positions(k) for k in range(2)]
+
+
 def test_graph_decode_on_the_cpu_is_the_plain_step():
     ref, m = twins()
     p = policies.make_policy("h2o", 8)
