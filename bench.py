@@ -350,6 +350,7 @@ PLANS["tp"] = [("llama7b", "full", None, 32768, 1), ("llama7b", "a2sf", "r0.2", 
                ("llama70b", "a2sf", "r0.2", 65536, 1, "prefill", {"tp": 2}),
                ("llama70b", "a2sf", "r0.2", 65536, 1, "streaming", {"tp": 1, "vs_full": False}),
                ("llama70b", "full", None, 65536, 1, "streaming", {"tp": 1})]  # one GPU: expected out of memory
+PLANS["tp-70b"] = PLANS["tp"][2:]  # the 70B rows alone (one process: the one-GPU rows)
 
 
 def grid(args):
@@ -395,7 +396,7 @@ def main(argv=None):
     args.no_compile = args.no_compile or args.reference
     if args.tune:
         torch._inductor.config.coordinate_descent_tuning = True
-    tp_mode = args.tp or args.plan == "tp" or tp.world()[1] > 1
+    tp_mode = args.tp or args.plan in ("tp", "tp-70b") or tp.world()[1] > 1
     if tp_mode:  # each rank: its GPU (LOCAL_RANK), its process group (NCCL; gloo on the CPU)
         rank, n, device = tp.setup(generate.pick_device(args.device))
         args.no_hf = True  # transformers holds no part of a model

