@@ -22,6 +22,7 @@ is one row; --save writes them as a results file that `evaluate.py plot` draws.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -52,9 +53,14 @@ KVPRESS = {
 
 
 def load_rows(path: Path) -> tuple[list[dict], str]:
-    """The rows of a results file, or of a cells folder (`X.json` whose file is missing reads `X.cells`)."""
+    """The rows of a results file (`.json`, or `.json.gz` as results/ keeps the large ones), or of a cells
+    folder (`X.json` whose file is missing reads `X.cells`)."""
     if path.suffix != ".cells" and path.exists():
-        rec = json.loads(path.read_text())
+        raw = path.read_bytes()
+        try:
+            rec = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{path} is not a results file of evaluate.py ruler ({e}); pass its .json or .json.gz")
         if rec.get("kind") != "ruler":
             raise SystemExit(f"{path} is a {rec.get('kind')!r} results file, not ruler's")
         return rec["results"], rec.get("model", "")
