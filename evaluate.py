@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import gzip
 import json
 import math
 import random
@@ -804,7 +805,7 @@ def plot_file(paths, metric: str = "acc", out: Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-    records = [json.loads(p.read_text()) for p in paths]
+    records = [json.loads(gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_text()) for p in paths]
     kinds = {r["kind"] for r in records}
     if len(kinds) > 1:
         raise ValueError(f"cannot plot results of kinds {', '.join(sorted(kinds))} in one figure: give one kind")
@@ -814,7 +815,7 @@ def plot_file(paths, metric: str = "acc", out: Path | None = None) -> Path:
     title = f"{records[0]['model']}; paper: {PAPERS[kind]}" if PAPERS.get(kind) else records[0]["model"]
     fig.suptitle("\n".join(textwrap.wrap(title, int(12 * fig.get_figwidth()))), fontsize=8)
     fig.tight_layout()
-    out = out or paths[0].with_suffix(".png")
+    out = out or paths[0].with_name(paths[0].name.removesuffix(".gz")).with_suffix(".png")
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

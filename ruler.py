@@ -509,8 +509,10 @@ def run_ruler(model, tok, args, setup) -> list[dict] | None:
 
 def plot(plt, rows, metric=None):
     """Score against the cache ratio per task family (mean over its tasks and lengths); one line per policy
-    and setting; full (no eviction) as a dashed line."""
+    and setting (a colour per policy, solid for the question at the end, dotted for agnostic); full (no
+    eviction) as a dashed black line."""
     families = list(dict.fromkeys(r["family"] for r in rows))
+    colour = {p: f"C{i % 10}" for i, p in enumerate(dict.fromkeys(r["policy"] for r in rows if r["size"]))}
     fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4), squeeze=False)
     for ax, fam in zip(axes[0], families):
         mine = [r for r in rows if r["family"] == fam]
@@ -524,7 +526,7 @@ def plot(plt, rows, metric=None):
                 ax.axhline(s, color="k", ls="--", label=f"{policy} ({s:.2f})")
                 continue
             xs = sorted(by_x)
-            ax.plot(xs, [np.mean([r["score"] for r in by_x[x]]) for x in xs], marker="o",
+            ax.plot(xs, [np.mean([r["score"] for r in by_x[x]]) for x in xs], marker="o", color=colour[policy],
                     ls="-" if setting == "end" else ":", label=f"{policy} ({setting})")
         n = sum(r["n"] for r in mine if r["policy"] == mine[0]["policy"] and r["setting"] == mine[0]["setting"]
                 and r["size"] == mine[0]["size"])

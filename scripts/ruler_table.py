@@ -60,7 +60,7 @@ def load_rows(path: Path) -> tuple[list[dict], str]:
         try:
             rec = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
         except (OSError, ValueError) as e:
-            raise SystemExit(f"{path} is not a results file of evaluate.py ruler ({e}); pass its .json or .json.gz")
+            raise SystemExit(f"{path} is not a results file of evaluate.py ruler ({e}); pass its .json or .json.gz") from None
         if rec.get("kind") != "ruler":
             raise SystemExit(f"{path} is a {rec.get('kind')!r} results file, not ruler's")
         return rec["results"], rec.get("model", "")

@@ -2,6 +2,7 @@
 subcommand runs on a tiny model (full's answers equal greedy decoding by plain forwards)."""
 
 import copy
+import gzip
 import importlib.util
 import json
 import re
@@ -241,3 +242,22 @@ def test_table_maker_on_the_committed_cpu_run(capsys):
     assert "| overall | h2o | 12 | 0.00 [0.00, 0.24] |" in text
     assert "| retrieval (niah) | a2sf | 8 | 0.50 [0.22, 0.78] |" in text  # one task all right, one all wrong
     assert "- ours, end, ratio 0.5: " in text and "TOVA > SnapKV >= StreamingLLM > ObservedAttention" in text
+
+
+def test_gzipped_results_read_as_the_file_itself(tmp_path, capsys):
+    """results/ keeps the large results files gzipped: ruler_table.py and `evaluate.py plot` read a
+    .json.gz as its .json (the same table; the plot named X.png, not X.json.png), and anything else
+    gets one line saying what to pass."""
+    src = Path(__file__).parents[1] / "results" / "ruler_cpu" / "ruler-1k.json"
+    gz = tmp_path / "ruler-1k.json.gz"
+    gz.write_bytes(gzip.compress(src.read_bytes()))
+    maker = table_maker()
+    assert maker.main([str(src)]) == 0
+    plain = capsys.readouterr().out
+    assert maker.main([str(gz)]) == 0
+    assert capsys.readouterr().out == plain and "| overall | h2o | 12 |" in plain
+    assert evaluate.plot_file(gz) == tmp_path / "ruler-1k.png" and (tmp_path / "ruler-1k.png").stat().st_size > 0
+    bad = tmp_path / "notes.json"
+    bad.write_text("not json")
+    with pytest.raises(SystemExit, match="not a results file of evaluate.py ruler.*pass its .json or .json.gz"):
+        maker.main([str(bad)])
