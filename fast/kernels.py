@@ -16,8 +16,10 @@ keys) fp32 tensor and pays for it twice:
   The explicit path holds T x T probabilities, in row chunks. `causal_attention_lse` takes each
   row's log-sum-exp from a fused causal kernel (so p[q, j] = exp(s[q, j] - lse[q])), then
   `column_sums` (`_column_sums_kernel`) recomputes the scores block by block and sums (1) down the
-  columns. No T x T buffer: memory O(T). Row blocks whose weights are all 0 are skipped (A2SF's
-  alpha^(t - q) underflows after ~60 rows; TOVA and SnapKV weigh only the last rows).
+  columns. No T x T buffer: memory O(T). The rows before a sequence's first row of nonzero
+  weight are skipped (A2SF's alpha^(t - q) underflows after ~60 rows; TOVA and SnapKV weigh only
+  the last rows; left padding weighs 0). From TUNE_FROM rows on, Triton's autotuner picks the
+  block sizes and warps among COLUMN_SUMS_CONFIGS on the device itself.
 
 The twins (`decode_attention_reference`, `column_sums_reference`,
 `causal_attention_lse_reference`) are the explicit formulas. The tests hold each kernel equal to
@@ -184,11 +186,13 @@ def decode_attention_reference(q, k, v, mask):
 if triton is not None:
 
     @triton.jit
-    def _column_sums_kernel(Q, K, LSE, W, OUT, T, Hkv, scale_log2: tl.constexpr,
+    def _column_sums_kernel(Q, K, LSE, W, FIRST, OUT, T, Hkv, T_KEY, scale_log2: tl.constexpr,
                             G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program: keys [j0, j0 + BLOCK_N) of one KV head of one sequence. Q (B*Hkv*G, T, D),
-        K (B*Hkv, T, D), LSE (B*Hkv*G, T) in log2 units, W (B, T) row weights, OUT (B*Hkv, T):
-        OUT[j] = sum_g sum_{q >= j} W[q] 2^(s[q, j] - LSE[q]), Eq. (1)."""
+        K (B*Hkv, T, D), LSE (B*Hkv*G, T) in log2 units, W (B, T) row weights, FIRST (B,) each
+        sequence's first row of nonzero weight, OUT (B*Hkv, T):
+        OUT[j] = sum_g sum_{q >= j} W[q] 2^(s[q, j] - LSE[q]), Eq. (1). T_KEY: the autotuner's key
+        only (T rounded up to a power of 2)."""
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
         b = bkv // Hkv
@@ -197,34 +201,52 @@ if triton is not None:
         n_ok = offs_n < T
         k = tl.load(K + bkv * T * D + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         acc = tl.zeros((BLOCK_N,), tl.float32)
-        first = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # rows before the first key see none of these keys
+        # rows before the first key see none of these keys; rows before FIRST weigh 0 (no branch in the loop,
+        # so the compiler can pipeline its loads)
+        first = tl.maximum(pid_n * BLOCK_N, tl.load(FIRST + b))
         for start in range(first, T, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < T
             w = tl.load(W + b * T + offs_m, mask=m_ok, other=0.0)
-            if tl.max(tl.abs(w), 0) > 0:  # rows of weight 0 add nothing (A2SF's old rows, TOVA, SnapKV)
-                for g in range(G):
-                    bh = bkv * G + g
-                    q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-                    lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
-                    s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N)
-                    p = tl.exp2(s - lse[:, None]) * w[:, None]  # row-normalised probability x row weight
-                    seen = (offs_n[None, :] <= offs_m[:, None]) & m_ok[:, None]  # causal
-                    acc += tl.sum(tl.where(seen, p, 0.0), 0)
+            for g in range(G):
+                bh = bkv * G + g
+                q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+                lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
+                s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N)
+                p = tl.exp2(s - lse[:, None]) * w[:, None]  # row-normalised probability x row weight
+                seen = (offs_n[None, :] <= offs_m[:, None]) & m_ok[:, None]  # causal
+                acc += tl.sum(tl.where(seen, p, 0.0), 0)
         tl.store(OUT + bkv * T + offs_n, acc, mask=n_ok)
 
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages). The first is the fixed launch of calls shorter than
+    # TUNE_FROM rows; from there the autotuner times them all on the device, once per T_KEY.
+    COLUMN_SUMS_CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 8, 3),
+                           (128, 128, 8, 2)]
+    _column_sums_tuned = triton.autotune(
+        [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in COLUMN_SUMS_CONFIGS],
+        key=["T_KEY", "G", "D"])(_column_sums_kernel)
 
-def column_sums(q, k, lse, w):
+TUNE_FROM = 4096  # rows: tuning costs about a second a length bucket, more than a shorter call's whole prefill
+
+
+def column_sums(q, k, lse, w, config=None):
     """Eq. (1) for a causal call whose rows and keys are the same T tokens in order.
     q (B, Hkv, G, T, D), k (B, Hkv, T, D), lse (B, Hkv, G, T) fp32 natural log-sum-exp of each
-    row's scaled scores, w (B, T) row weights -> (B, Hkv, T) fp32. The twin: column_sums_reference."""
+    row's scaled scores, w (B, T) row weights -> (B, Hkv, T) fp32. The twin: column_sums_reference.
+    config: one of COLUMN_SUMS_CONFIGS, forced (tests); by default the first below TUNE_FROM rows,
+    the autotuner's pick from there (on CUDA)."""
     B, Hkv, G, T, D = q.shape
-    BLOCK_M = BLOCK_N = 64
     out = torch.empty(B * Hkv, T, device=q.device, dtype=torch.float32)
-    _column_sums_kernel[(triton.cdiv(T, BLOCK_N), B * Hkv)](
-        q.contiguous().view(B * Hkv * G, T, D), k.contiguous().view(B * Hkv, T, D),
-        (lse.float() * LOG2E).contiguous(), w.float().contiguous(), out, T, Hkv, LOG2E / math.sqrt(D),
-        G=G, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    w = w.float().contiguous()
+    first = (w != 0).to(torch.int32).argmax(dim=-1).to(torch.int32)  # (B,) no row weighs: 0, every row adds 0
+    args = (q.contiguous().view(B * Hkv * G, T, D), k.contiguous().view(B * Hkv, T, D),
+            (lse.float() * LOG2E).contiguous(), w, first, out, T, Hkv, triton.next_power_of_2(T), LOG2E / math.sqrt(D))
+    if config is None and T >= TUNE_FROM and q.is_cuda:
+        _column_sums_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](*args, G=G, D=D)
+    else:
+        m, n, warps, stages = config or COLUMN_SUMS_CONFIGS[0]
+        _column_sums_kernel[(triton.cdiv(T, n), B * Hkv)](*args, G=G, D=D, BLOCK_M=m, BLOCK_N=n, num_warps=warps,
+                                                          num_stages=stages)
     return out.view(B, Hkv, T)
 
 

@@ -71,6 +71,28 @@ def test_column_sums_equal_the_explicit_probabilities_summed(seed, B, Hkv, G, T,
         torch.testing.assert_close(sums.sum(-1), torch.full_like(sums[..., 0], float(G * T)), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("config", getattr(kernels, "COLUMN_SUMS_CONFIGS", []))
+def test_column_sums_under_every_launch_config_the_autotuner_may_pick(config):
+    """Each of COLUMN_SUMS_CONFIGS (the autotuner picks among them from TUNE_FROM rows on; tuning
+    itself needs CUDA), forced, against the explicit twin: block sizes that differ for rows and keys,
+    a length that is no multiple of any block, and weights of any pattern: zeros scattered through
+    the rows, a leading run of zeros (padding; the rows before the first nonzero are skipped), and a
+    sequence where no row weighs (all its columns 0)."""
+    g = torch.Generator().manual_seed(7)
+    B, Hkv, G, T, D = 3, 2, 2, 150, 32
+    q = torch.randn(B, Hkv, G, T, D, generator=g).to(DEVICE, DTYPE)
+    k, v = (torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, DTYPE) for _ in range(2))
+    _, lse = kernels.causal_attention_lse_reference(q, k, v)
+    w = torch.rand(B, T, generator=g) * (torch.rand(B, T, generator=g) < 0.7)  # zeros anywhere
+    w[0, :70], w[0, 70], w[0, -1] = 0, 0.5, 1.0  # the first nonzero row inside the second block of any size
+    w[2] = 0  # no row weighs
+    w = w.to(DEVICE)
+    sums = kernels.column_sums(q, k, lse, w, config=config)
+    ref = kernels.column_sums_reference(q, k, lse, w)
+    torch.testing.assert_close(sums, ref, rtol=1e-3 if DEVICE == "cuda" else 1e-5, atol=ATOL / 10)
+    assert (sums[2] == 0).all() and (sums[0, :, 70:] > 0).all()
+
+
 def test_the_lse_twin_is_the_fused_causal_attention():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 2, 3, 17, 16, generator=g)
