@@ -1,6 +1,8 @@
 """Kernel timings on CUDA behind fast/kernels.py's choices (not part of the test or bench runs):
 prefill attention with and without the row log-sum-exp, the column sums, and the decode kernel's
-split size against the explicit and fused decode attention. Prints a table."""
+split size against the explicit and fused decode attention. Prints a table. --configs: the column
+sums under each of its launch configs (kernels.COLUMN_SUMS_CONFIGS) and the autotuner's pick;
+--decode: the decode table only."""
 
 import math
 import sys
@@ -80,6 +82,21 @@ def main():
         t_c1 = timed(kernels.column_sums, q, k, lse, w1, reps=reps)
         t_ca = timed(kernels.column_sums, q, k, lse, wa, reps=reps)
         print(f"| {T} | {t_sdpa:.3f} | {t_fa2:.3f} | {t_cud:.3f} | {t_c1:.3f} | {t_ca:.3f} | {diff} |", flush=True)
+    if "--configs" in sys.argv:  # column_sums under each launch config it may take, and the autotuner's pick
+        print("\n| T | weights | " + " | ".join(f"{m}x{n} w{w} s{st} ms" for m, n, w, st in kernels.COLUMN_SUMS_CONFIGS)
+              + " | tuned ms | tuned pick |")
+        print("|---|---|" + "---|" * (len(kernels.COLUMN_SUMS_CONFIGS) + 2))
+        for T in (4096, 8192, 32768):
+            q = torch.randn(1, H, 1, T, D, device=dev, dtype=dt)
+            k, v = torch.randn(1, H, T, D, device=dev, dtype=dt), torch.randn(1, H, T, D, device=dev, dtype=dt)
+            _, lse = kernels.causal_attention_lse(q, k, v)
+            reps = 10 if T < 32768 else 3
+            for name, w in (("h2o", torch.ones(1, T, device=dev)),
+                            ("a2sf", 0.2 ** (T - 1 - torch.arange(T, device=dev, dtype=torch.float32))[None])):
+                ts = [timed(kernels.column_sums, q, k, lse, w, c, reps=reps) for c in kernels.COLUMN_SUMS_CONFIGS]
+                tuned = timed(kernels.column_sums, q, k, lse, w, reps=reps)  # the first call tunes (not timed)
+                pick = kernels._column_sums_tuned.best_config
+                print(f"| {T} | {name} | " + " | ".join(f"{t:.3f}" for t in ts) + f" | {tuned:.3f} | {pick} |", flush=True)
     print("\n(decode: GPU time per call, captured in a CUDA graph as the decode step is)")
     print("\n| S | split | decode kernel ms | without probs ms | explicit ms | sdpa (no probs) ms |")
     print("|---|---|---|---|---|---|")
