@@ -16,6 +16,10 @@ COPA) become lm-eval task configs over local JSONL files (`dataset_path: json`, 
 HF_DATASETS_OFFLINE / HF_HUB_OFFLINE are set, so a task whose data is not on disk fails at once
 with lm-eval's own error instead of trying a download. is_greedy (lm-eval's exact-match for
 loglikelihood tasks such as LAMBADA's acc) is not computed: it is always False.
+
+Each policy and size is a work cell (sweep.py): under `torchrun --nproc-per-node N` the cells are
+shared between the ranks and rank 0 writes the one results file; each cell is kept as it ends, so
+the same command again computes only the unfinished ones.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 import data
 import evaluate
 import ruler
+import sweep
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before lm_eval imports datasets
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -146,12 +151,13 @@ def run_lm_eval(model, tok, args, setup) -> list[dict]:
         return [{"calls": 0}]
     from lm_eval.utils import make_table
 
-    results = []
-    for v, size in runs:
+    def compute(cell, bar):  # a cell (sweep.py): one policy and size on every task -> its rows
+        v, size = cell
         t0 = time.perf_counter()
         lm = make_lm(model, tok, v, size, setup, args.batch_size or 64, args.max_batch_tokens)
         out = evaluate_lm(lm, tasks, args.include_path, None if all(isinstance(t, dict) for t in tasks) else args.limit)
         print(f"lm-eval, {v} {evaluate.size_label(size)}:\n{make_table(out)}", file=sys.stderr)
+        rows = []
         for name, r in out["results"].items():
             row = dict(task=name, policy=v, size=size and dict([size]), variant=args.variant,
                        n_docs=out["n-samples"].get(name, {}).get("effective"), seconds=time.perf_counter() - t0)
@@ -159,8 +165,13 @@ def run_lm_eval(model, tok, args, setup) -> list[dict]:
                 if "," in key and isinstance(value, (int, float)):
                     metric, _, _ = key.partition(",")
                     row[metric] = value
-            results.append(row)
-    return results
+            rows.append(row)
+        bar.update(1)
+        return rows
+
+    # under torchrun the cells are shared between the ranks; each is kept as it ends (sweep.py)
+    done = sweep.run(getattr(args, "out", None), sweep.config_of(args), "lm-eval", runs, compute)
+    return None if done is None else [row for cell in runs for row in done[cell]["result"]]
 
 
 def plot(plt, rows, metric="acc"):

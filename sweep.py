@@ -5,8 +5,8 @@
     (killed? run the same command again: only the unfinished cells are computed)
 
 A subcommand's work is a list of cells (mc: policy x ratio x slice of documents; ppl, mask-sim,
-keep-map: policy x size; needle: policy x size x length; ruler: policy x size x setting x task x
-length), each a pure function of the command and the cell. Cell i is computed by rank i mod N (torchrun's
+keep-map, lm-eval: policy x size; needle: policy x size x length; ruler: policy x size x setting x
+task x length), each a pure function of the command and the cell. Cell i is computed by rank i mod N (torchrun's
 RANK, WORLD_SIZE), and written as it ends to
 `<out>.cells/<cell>-<hash>.json`, atomically (a temporary file, then os.replace: a reader sees the
 whole cell or none of it). The hash covers the command's configuration and the cell, so a rerun

@@ -184,3 +184,28 @@ def test_sharded_mask_sim_needle_keep_map_equal_one_process_and_a_rerun_computes
     for kind in LOOPS:
         assert {c: c.stat().st_mtime_ns for c in (two / f"{kind}.cells").glob("*.json")} == cells[kind]
         assert _figures(two / f"{kind}.json") == before[kind]
+
+
+LM_EVAL_ARGV = ["lm-eval", "--tasks", "arc_easy", "--limit", "3", "--policies", "full,window,a2sf", "--ratios", "0.5"]
+
+
+def _lm_eval(out):
+    torch.set_num_threads(1)
+    assert evaluate.main([*LM_EVAL_ARGV, "--out", str(out)], tiny_model("tiny-llama", max_seq_len=4096),
+                         CharTokenizer()) == 0
+
+
+def test_sharded_lm_eval_equals_one_process_and_a_rerun_computes_nothing(tmp_path):
+    """evaluate.py lm-eval over two processes (its cells: full, window and a2sf at one ratio): the file
+    one process writes, in the same order; the same command again computes no cell."""
+    pytest.importorskip("lm_eval")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    _lm_eval(one)
+    _two_ranks(tmp_path, two, _lm_eval)
+    rows = _figures(one)["results"]
+    assert [r["policy"] for r in rows] == ["full", "window", "a2sf"] and all(r["n_docs"] == 3 for r in rows)
+    assert _figures(two) == _figures(one)
+    cells = {c: c.stat().st_mtime_ns for c in two.with_suffix(".cells").glob("*.json")}
+    assert len(cells) == 3
+    _lm_eval(two)
+    assert _figures(two) == _figures(one) and {c: c.stat().st_mtime_ns for c in cells} == cells
