@@ -18,20 +18,37 @@ import cache as reference
 import policies
 from policies import Tokens
 
+# Slots a program of the one-victim eviction reduces, or None: one program per (sequence, KV head)
+# row. Inductor never splits an argmin, and splits a min only past 8,192 values a row on Hopper, so a
+# long cache's eviction runs on as many programs as there are KV heads (16 on a 7B rank at TP = 2,
+# ~12 us a layer). A chunk size C cuts each row into chunks of C slots: the lowest packed key of each
+# chunk, then of the chunks (two small reductions over many programs). Off by default until measured:
+# `bench.py --evict-chunk C` sets it.
+EVICT_CHUNK: int | None = None
 
-def evict_one(prio, pos, valid, budget, packed: bool | None = None):
+
+def evict_one(prio, pos, valid, budget, packed: bool | None = None, chunk: int | None = None):
     """The decode-step twin of cache.keep_top for one new token: at most one eviction per head,
     the lowest priority, the oldest among equals. No sort. A test holds it equal to keep_top.
 
     fp32 on CUDA: one argmin over the pair (priority, position) packed in one int64 key, a single
     pass over the slots (the float's bits, negatives flipped, order as the floats do; positions of
-    kept tokens are in [0, 2^32)). Elsewhere: the minimum, then the oldest there (two passes, no
-    bit tricks: the CPU gains nothing from one pass). packed: force either way (tests)."""
+    kept tokens are in [0, 2^32)); with `chunk` (default EVICT_CHUNK) the lowest key of each chunk of
+    slots, then of the chunks, and the slot that holds it (one: positions differ within a row).
+    Elsewhere: the minimum, then the oldest there (two passes, no bit tricks: the CPU gains nothing
+    from one pass). packed: force either way (tests)."""
     over = valid.sum(dim=-1, keepdim=True) > budget  # (B, H, 1)
     if packed if packed is not None else (prio.dtype == torch.float32 and prio.is_cuda):
         bits = (prio + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
         ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # float order as integers
-        key = torch.where(valid, (ordered << 32) + pos, torch.iinfo(torch.int64).max)  # empty slots: no candidates
+        none = torch.iinfo(torch.int64).max
+        key = torch.where(valid, (ordered << 32) + pos, none)  # empty slots: no candidates
+        chunk = chunk or EVICT_CHUNK
+        if chunk and key.shape[-1] > chunk:  # (..., S) -> (..., n, chunk), the last chunk padded with no candidates
+            n = -(-key.shape[-1] // chunk)
+            filler = key.new_full((*key.shape[:-1], n * chunk - key.shape[-1]), none)  # (F.pad would round it via float)
+            low = torch.cat([key, filler], dim=-1).unflatten(-1, (n, chunk)).amin(-1).amin(dim=-1, keepdim=True)  # (B, H, 1)
+            return valid & ~((key == low) & over)  # the lowest key's slot goes (one: positions differ)
         victim = key.argmin(dim=-1, keepdim=True)  # lowest priority, oldest among equals
     else:
         prio = torch.where(valid, prio, float("inf"))  # empty slots are no candidates

@@ -231,12 +231,13 @@ def test_keynorm_prompt_twin_ranks_a_long_prompt_by_norm_not_as_a_window():
 
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), S=st.integers(2, 12), budget=st.integers(1, 11), ties=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]), packed=st.booleans())
-def test_evict_one_equals_keep_top(seed, S, budget, ties, dtype, packed):
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]), packed=st.booleans(),
+       chunk=st.sampled_from([None, 1, 2, 3, 5]))
+def test_evict_one_equals_keep_top(seed, S, budget, ties, dtype, packed, chunk):
     """The decode-step twin (one eviction, no sort) keeps exactly what the general rule keeps,
     under its precondition (at most budget + 1 held): fp32 through its packed (priority, position)
-    key (CUDA's path, forced here) or min-then-oldest (the CPU's and other dtypes'); ties, -0.0
-    against 0.0, +inf and -inf included."""
+    key (CUDA's path, forced here; whole, or in chunks of `chunk` slots with the last one padded) or
+    min-then-oldest (the CPU's and other dtypes'); ties, -0.0 against 0.0, +inf and -inf included."""
     g = torch.Generator().manual_seed(seed)
     prio = (torch.rand(2, 3, S, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)  # negatives too
     if ties:
@@ -248,7 +249,7 @@ def test_evict_one_equals_keep_top(seed, S, budget, ties, dtype, packed):
     valid = torch.rand(2, 3, S, generator=g) < 0.9
     valid &= valid.long().cumsum(-1) <= budget + 1  # the precondition
     prio = torch.where(valid, prio, float("-inf"))
-    got = fast_cache.evict_one(prio, pos, valid, budget, packed=packed and dtype == torch.float32)
+    got = fast_cache.evict_one(prio, pos, valid, budget, packed=packed and dtype == torch.float32, chunk=chunk)
     assert torch.equal(got, cache_mod.keep_top(prio, pos, valid, budget))
     # and against the rule written here: drop the lowest priority, the oldest among equals
     for b in range(2):
@@ -257,6 +258,27 @@ def test_evict_one_equals_keep_top(seed, S, budget, ties, dtype, packed):
             if len(held) > budget:
                 held.remove(min(held, key=lambda j: (float(prio[b, h, j]), int(pos[b, h, j]))))
             assert got[b, h].nonzero().flatten().tolist() == held
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 299, 300])
+def test_evict_one_in_chunks_equals_the_whole_row(chunk):
+    """The chunked eviction (fast.cache.EVICT_CHUNK, the long caches' split reduction) against the
+    whole-row argmin, on rows of 300 slots that are full (one over the budget), one short, or hold one
+    token: a last chunk that is padded (7, 64) or exact (300), or one chunk (299 + 1 padded)."""
+    g = torch.Generator().manual_seed(chunk)
+    B, H, S = 2, 4, 300
+    prio = (torch.rand(B, H, S, generator=g) * 4).floor()  # ties
+    pos = torch.stack([torch.randperm(S, generator=g) for _ in range(B * H)]).view(B, H, S)
+    valid = torch.ones(B, H, S, dtype=torch.bool)
+    valid[0, 1, 5] = False  # one short of the budget + 1: nothing goes
+    valid[1, 2] = False
+    valid[1, 2, 299] = True  # one token, in the last (padded) chunk: nothing goes
+    budget = S - 1
+    prio = torch.where(valid, prio, float("-inf"))  # keep_top's precondition: empty slots rank last
+    whole = fast_cache.evict_one(prio, pos, valid, budget, packed=True)
+    assert torch.equal(fast_cache.evict_one(prio, pos, valid, budget, packed=True, chunk=chunk), whole)
+    assert torch.equal(whole, cache_mod.keep_top(prio, pos, valid, budget))
+    assert (valid.sum(-1) - whole.sum(-1)).tolist() == [[1, 0, 1, 1], [1, 1, 0, 1]]
 
 
 def test_evict_one_with_per_sequence_budgets_and_ties_evicts_the_oldest():
