@@ -189,7 +189,7 @@ if triton is not None:
     def _column_sums_kernel(Q, K, LSE, W, FIRST, OUT, T, Hkv, T_KEY, scale_log2: tl.constexpr,
                             G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program: keys [j0, j0 + BLOCK_N) of one KV head of one sequence. Q (B*Hkv*G, T, D),
-        K (B*Hkv, T, D), LSE (B*Hkv*G, T) in log2 units, W (B, T) row weights, FIRST (B,) each
+        K (B*Hkv, T, D), LSE (B*Hkv*G, T) natural log-sum-exps, W (B, T) row weights, FIRST (B,) each
         sequence's first row of nonzero weight, OUT (B*Hkv, T):
         OUT[j] = sum_g sum_{q >= j} W[q] 2^(s[q, j] - LSE[q]), Eq. (1). T_KEY: the autotuner's key
         only (T rounded up to a power of 2)."""
@@ -211,7 +211,7 @@ if triton is not None:
             for g in range(G):
                 bh = bkv * G + g
                 q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-                lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
+                lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634  # log2 units
                 s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N)
                 p = tl.exp2(s - lse[:, None]) * w[:, None]  # row-normalised probability x row weight
                 seen = (offs_n[None, :] <= offs_m[:, None]) & m_ok[:, None]  # causal
@@ -229,18 +229,25 @@ if triton is not None:
 TUNE_FROM = 4096  # rows: tuning costs about a second a length bucket, more than a shorter call's whole prefill
 
 
-def column_sums(q, k, lse, w, config=None):
+def first_weighted_row(w):
+    """w (B, T) row weights -> (B,) int32 each sequence's first row of nonzero weight (0 where no row
+    weighs: then every row adds 0). The same for every layer of a prompt: computed once for them all."""
+    return (w != 0).to(torch.int32).argmax(dim=-1).to(torch.int32)
+
+
+def column_sums(q, k, lse, w, first=None, config=None):
     """Eq. (1) for a causal call whose rows and keys are the same T tokens in order.
     q (B, Hkv, G, T, D), k (B, Hkv, T, D), lse (B, Hkv, G, T) fp32 natural log-sum-exp of each
-    row's scaled scores, w (B, T) row weights -> (B, Hkv, T) fp32. The twin: column_sums_reference.
-    config: one of COLUMN_SUMS_CONFIGS, forced (tests); by default the first below TUNE_FROM rows,
-    the autotuner's pick from there (on CUDA)."""
+    row's scaled scores, w (B, T) row weights, first (B,) first_weighted_row(w) (computed here if
+    None) -> (B, Hkv, T) fp32. The twin: column_sums_reference. config: one of COLUMN_SUMS_CONFIGS,
+    forced (tests); by default the first below TUNE_FROM rows, the autotuner's pick from there (on
+    CUDA)."""
     B, Hkv, G, T, D = q.shape
     out = torch.empty(B * Hkv, T, device=q.device, dtype=torch.float32)
     w = w.float().contiguous()
-    first = (w != 0).to(torch.int32).argmax(dim=-1).to(torch.int32)  # (B,) no row weighs: 0, every row adds 0
-    args = (q.contiguous().view(B * Hkv * G, T, D), k.contiguous().view(B * Hkv, T, D),
-            (lse.float() * LOG2E).contiguous(), w, first, out, T, Hkv, triton.next_power_of_2(T), LOG2E / math.sqrt(D))
+    first = first_weighted_row(w) if first is None else first
+    args = (q.contiguous().view(B * Hkv * G, T, D), k.contiguous().view(B * Hkv, T, D), lse.float().contiguous(), w,
+            first, out, T, Hkv, triton.next_power_of_2(T), LOG2E / math.sqrt(D))
     if config is None and T >= TUNE_FROM and q.is_cuda:
         _column_sums_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](*args, G=G, D=D)
     else:
@@ -250,9 +257,10 @@ def column_sums(q, k, lse, w, config=None):
     return out.view(B, Hkv, T)
 
 
-def column_sums_reference(q, k, lse, w):
+def column_sums_reference(q, k, lse, w, first=None):
     """The slow twin of column_sums: the T x T probabilities exp(s - lse), masked causally,
-    weighted by row and summed over the rows and the group's query heads."""
+    weighted by row and summed over the rows and the group's query heads (every row: `first`, where
+    the kernel may start, changes nothing)."""
     B, Hkv, G, T, D = q.shape
     s = (q.float() @ k.float()[:, :, None].transpose(-1, -2)) / math.sqrt(D)  # (B, Hkv, G, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()

@@ -84,7 +84,7 @@ class Attention(reference.Attention):
         probs = scores.view(B, Hkv, G, T, -1).masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=-1)
         return (probs.to(v.dtype).flatten(2, 3) @ v).view(B, Hkv, G, T, D), probs
 
-    def prompt(self, x, positions, angles, layer_cache, weights) -> tuple[torch.Tensor, Prompt]:
+    def prompt(self, x, positions, angles, layer_cache, weights, first=None) -> tuple[torch.Tensor, Prompt]:
         """The twin of forward for a first call into an empty cache: row i sees tokens 0..i, so the
         fused causal kernel attends, and the policy's update for the whole call is the weighted
         column sums of that attention (kernels.column_sums; weights (B, T) = policies.row_weights),
@@ -96,7 +96,7 @@ class Attention(reference.Attention):
         update = None
         if policy.scored:
             out, lse = kernels.causal_attention_lse(q_rot, k_rot, v)
-            update = kernels.column_sums(q_rot, k_rot, lse, weights)  # (B, Hkv, T)
+            update = kernels.column_sums(q_rot, k_rot, lse, weights, first)  # (B, Hkv, T)
         else:
             out = reference.causal_attention(q_rot, k_rot, v)
         state = policies.token_state(policy, k, v, layer_cache.owner.score_dtype)  # (B, Hkv, T) each
@@ -137,12 +137,13 @@ class Transformer(reference.Transformer):
         """The prompt's twin (Attention.prompt for each layer, then rank_prompt for groups of layers)."""
         positions = cache.positions(tokens.shape[1])  # (B, T)
         x, angles = self.embed(tokens, positions), self.angles(positions)
-        weights = None
+        weights = first = None
         if cache.policy.scored:  # each row's weight in the score update, the same for every layer
             weights = policies.row_weights(cache.policy, positions, positions.amax(dim=-1), alpha=cache.alpha)  # (B, T)
+            first = kernels.first_weighted_row(weights)  # (B,) the rows before it add nothing: column_sums skips them
         waiting = []
         for block, layer_cache in zip(self.layers, cache.layers):  # model.Block.forward, with the prompt's attention
-            out, part = block.attn.prompt(block.attn_norm(x), positions, angles, layer_cache, weights)
+            out, part = block.attn.prompt(block.attn_norm(x), positions, angles, layer_cache, weights, first)
             x, out = x + out, None
             waiting.append(part)
             if len(waiting) * part.nbytes >= PENDING_BYTES:  # every layer's part is as large
