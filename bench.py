@@ -394,6 +394,8 @@ def main(argv=None):
                     " (torch.compile dynamic=False: what a process with one cache gets; fast.compile_decode)")
     ap.add_argument("--evict-chunk", type=int, default=None, metavar="C",
                     help="the one-victim eviction as a split reduction over chunks of C slots (fast.cache.EVICT_CHUNK)")
+    ap.add_argument("--max-autotune", action="store_true", help="inductor's max-autotune for the compiled step's"
+                    " matmuls (Triton GEMM templates beside cuBLAS, pointwise epilogues fused into them)")
     args = ap.parse_args(argv)
     if args.evict_chunk is not None and args.evict_chunk < 1:
         ap.error("--evict-chunk takes a positive number of slots, e.g. 512")
@@ -401,6 +403,9 @@ def main(argv=None):
     args.no_compile = args.no_compile or args.reference
     if args.tune:
         torch._inductor.config.coordinate_descent_tuning = True
+    if args.max_autotune:
+        torch._inductor.config.max_autotune_gemm = True
+        torch._inductor.config.max_autotune_gemm_backends = "ATEN,TRITON"
     tp_mode = args.tp or args.plan in ("tp", "tp-70b") or tp.world()[1] > 1
     if tp_mode:  # each rank: its GPU (LOCAL_RANK), its process group (NCCL; gloo on the CPU)
         rank, n, device = tp.setup(generate.pick_device(args.device))

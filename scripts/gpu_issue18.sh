@@ -7,8 +7,10 @@
 #   bash scripts/gpu_issue18.sh smollm2     old then new targets-smollm2, then scripts/tokenwise_ab.py old / .
 #   bash scripts/gpu_issue18.sh 7b          old then new targets-7b
 #   bash scripts/gpu_issue18.sh tokenwise   scripts/tokenwise_ab.py old / . alone: the issue's whole 2k-token prompt
-#   bash scripts/gpu_issue18.sh evict PLAN C  this checkout's PLAN without, then with --evict-chunk C (the eviction
-#                                           as a split reduction, fast.cache.EVICT_CHUNK), --profile; ab-evict-PLAN.md
+#   bash scripts/gpu_issue18.sh flags PLAN FLAGS...  this checkout's PLAN without, then with FLAGS, --profile;
+#                                           ab-flags-PLAN.md. The candidates: --evict-chunk 512 (the eviction as a
+#                                           split reduction, fast.cache.EVICT_CHUNK), --max-autotune (Triton GEMM
+#                                           templates with fused epilogues), --static, --tune
 #   bash scripts/gpu_issue18.sh colsum      scripts/kernel_probe.py --configs: the column sums under each launch
 #                                           config and the autotuner's pick (4k, 8k, 32k rows, 7B heads)
 #   bash scripts/gpu_issue18.sh static PLAN this checkout's PLAN with --static (each row's step compiled for its
@@ -40,14 +42,17 @@ tokenwise)
 7b)
   both targets-7b 200 330
   ;;
-evict)
-  mkdir -p $OUT/r/evict
-  timeout 270 python bench.py --plan $2 --no-hf --weights random --profile --out $OUT/r/evict/old-$2.json 2>&1 | quiet \
-    > $OUT/r/evict/old-$2.log
-  timeout 270 python bench.py --plan $2 --no-hf --weights random --profile --evict-chunk ${3:-512} \
-    --out $OUT/r/evict/new-$2.json 2>&1 | quiet > $OUT/r/evict/new-$2.log
-  grep "^|\|^#\|Error" $OUT/r/evict/new-$2.log | grep -v "^|--\|^| *Name"
-  python scripts/ab_summary.py $OUT/r/evict | tee $OUT/r/ab-evict-$2.md
+flags)
+  plan=$2
+  shift 2
+  mkdir -p $OUT/r/flags
+  timeout 270 python bench.py --plan $plan --no-hf --weights random --profile --out $OUT/r/flags/old-$plan.json 2>&1 \
+    | quiet > $OUT/r/flags/old-$plan.log
+  timeout 270 python bench.py --plan $plan --no-hf --weights random --profile "$@" --out $OUT/r/flags/new-$plan.json 2>&1 \
+    | quiet > $OUT/r/flags/new-$plan.log
+  grep "^|\|^#\|Error" $OUT/r/flags/new-$plan.log | grep -v "^|--\|^| *Name"
+  echo "# new = with $*" | tee $OUT/r/ab-flags-$plan.md
+  python scripts/ab_summary.py $OUT/r/flags | tee -a $OUT/r/ab-flags-$plan.md
   ;;
 colsum)
   timeout 300 python scripts/kernel_probe.py --configs 2>&1 | quiet | grep "^|" | tee $OUT/r/colsum.log
