@@ -46,9 +46,9 @@ flags)
   plan=$2
   shift 2
   mkdir -p $OUT/r/flags
-  timeout 270 python bench.py --plan $plan --no-hf --weights random --profile --out $OUT/r/flags/old-$plan.json 2>&1 \
+  timeout ${FLAGS_TIMEOUT:-270} python bench.py --plan $plan --no-hf --weights random --profile --out $OUT/r/flags/old-$plan.json 2>&1 \
     | quiet > $OUT/r/flags/old-$plan.log
-  timeout 270 python bench.py --plan $plan --no-hf --weights random --profile "$@" --out $OUT/r/flags/new-$plan.json 2>&1 \
+  timeout ${FLAGS_TIMEOUT:-270} python bench.py --plan $plan --no-hf --weights random --profile "$@" --out $OUT/r/flags/new-$plan.json 2>&1 \
     | quiet > $OUT/r/flags/new-$plan.log
   grep "^|\|^#\|Error" $OUT/r/flags/new-$plan.log | grep -v "^|--\|^| *Name"
   echo "# new = with $*" | tee $OUT/r/ab-flags-$plan.md
