@@ -173,6 +173,25 @@ def test_model_fast_paths_with_kernels_equal_the_reference(kernels_on_cpu, monke
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy_name", ["h2o", "a2sf"])
+def test_autotuned_column_sums_equal_the_explicit_ones_on_cuda(policy_name):
+    """From kernels.TUNE_FROM rows on, column_sums launches the autotuner's pick (it times every
+    config on the device first): the same sums as the explicit twin, for every row weighing (h2o)
+    and for A2SF's, whose old rows weigh 0 and are skipped. bf16 inputs, fp32 sums."""
+    g = torch.Generator().manual_seed(11)
+    B, Hkv, G, T, D = 1, 2, 2, kernels.TUNE_FROM + 77, 64
+    q = torch.randn(B, Hkv, G, T, D, generator=g).to("cuda", torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, T, D, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    _, lse = kernels.causal_attention_lse(q, k, v)
+    q_pos = torch.arange(T, device="cuda").expand(B, T)
+    w = policies.row_weights(policies.make_policy(policy_name, 512), q_pos, q_pos.amax(-1))
+    sums = kernels.column_sums(q, k, lse, w)
+    assert kernels._column_sums_tuned.best_config is not None  # the tuned launch ran
+    torch.testing.assert_close(sums, kernels.column_sums_reference(q, k, lse, w), rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("policy_name", ["h2o", "a2sf", "vatp", "sink", "full"])
 def test_compiled_step_with_the_decode_kernel_equals_eager_on_cuda(policy_name):
     """The decode kernel inside the compiled, graph-captured step (fast.compile_decode, bf16)
