@@ -4,9 +4,10 @@
 # compiled) from this checkout's run, and the token-by-token rows. Two calls on one warm nvidia-h200, back
 # to back (each well inside 600 s), carry [".whl", "old"]:
 #
-#   bash scripts/gpu_issue18.sh smollm2     old then new targets-smollm2, then scripts/tokenwise_ab.py old / .
+#   bash scripts/gpu_issue18.sh smollm2     old then new targets-smollm2
 #   bash scripts/gpu_issue18.sh 7b          old then new targets-7b
-#   bash scripts/gpu_issue18.sh tokenwise   scripts/tokenwise_ab.py old / . alone: the issue's whole 2k-token prompt
+#   bash scripts/gpu_issue18.sh tokenwise   scripts/tokenwise_ab.py: old and this checkout eager over the first 512
+#                                           tokens, this checkout's graph and compiled steps over all 2,048 (x3)
 #   bash scripts/gpu_issue18.sh flags PLAN FLAGS...  this checkout's PLAN without, then with FLAGS, --profile;
 #                                           ab-flags-PLAN.md. The candidates: --evict-chunk 512 (the eviction as a
 #                                           split reduction, fast.cache.EVICT_CHUNK), --max-autotune (Triton GEMM
@@ -32,12 +33,13 @@ both() {  # both PLAN OLD_TIMEOUT NEW_TIMEOUT
 case "$1" in
 smollm2)
   both targets-smollm2 120 220
-  timeout 90 python scripts/tokenwise_ab.py old --tokens 1024 2>&1 | quiet | grep "##\|Error" | tee $OUT/r/tokenwise.log
-  timeout 120 python scripts/tokenwise_ab.py . --tokens 1024 2>&1 | quiet | grep "##\|Error" | tee -a $OUT/r/tokenwise.log
   ;;
-tokenwise)
-  timeout 150 python scripts/tokenwise_ab.py old 2>&1 | quiet | grep "##\|Error" | tee $OUT/r/tokenwise.log
-  timeout 240 python scripts/tokenwise_ab.py . 2>&1 | quiet | grep "##\|Error" | tee -a $OUT/r/tokenwise.log
+tokenwise)  # eager (host-bound: ~70-90 ms a call at batch 64) over the first 512 tokens; the steps over all 2,048, 3 times
+  timeout 150 python scripts/tokenwise_ab.py old --tokens 512 2>&1 | quiet | grep "##\|Error" | tee $OUT/r/tokenwise.log
+  timeout 150 python scripts/tokenwise_ab.py . --ways eager --tokens 512 2>&1 | quiet | grep "##\|Error" \
+    | tee -a $OUT/r/tokenwise.log
+  timeout 220 python scripts/tokenwise_ab.py . --ways graph,compiled --reps 3 2>&1 | quiet | grep "##\|Error" \
+    | tee -a $OUT/r/tokenwise.log
   ;;
 7b)
   both targets-7b 200 330
