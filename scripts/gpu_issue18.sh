@@ -57,7 +57,7 @@ flags)
   python scripts/ab_summary.py $OUT/r/flags | tee -a $OUT/r/ab-flags-$plan.md
   ;;
 colsum)
-  timeout 300 python scripts/kernel_probe.py --configs 2>&1 | quiet | grep "^|" | tee $OUT/r/colsum.log
+  timeout ${COLSUM_TIMEOUT:-300} python scripts/kernel_probe.py --configs 2>&1 | quiet | grep "^|" | tee $OUT/r/colsum.log
   ;;
 static)
   timeout 300 python bench.py --plan $2 --no-hf --weights random --static --out $OUT/r/static-$2.json 2>&1 | quiet \
