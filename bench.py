@@ -394,6 +394,8 @@ def main(argv=None):
                     " (torch.compile dynamic=False: what a process with one cache gets; fast.compile_decode)")
     ap.add_argument("--evict-chunk", type=int, default=None, metavar="C",
                     help="the one-victim eviction as a split reduction over chunks of C slots (fast.cache.EVICT_CHUNK)")
+    ap.add_argument("--reverse", action="store_true", help="run the rows last to first (does a row's speed follow its"
+                    " place in the process? Issue 18: idle time inside the step from the fourth row on)")
     ap.add_argument("--max-autotune", action="store_true", help="inductor's max-autotune for the compiled step's"
                     " matmuls (Triton GEMM templates beside cuBLAS, pointwise epilogues fused into them)")
     args = ap.parse_args(argv)
@@ -447,6 +449,7 @@ def main(argv=None):
         print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
     rows = PLANS[args.plan] if args.plan else grid(args)
+    rows = rows[::-1] if args.reverse else rows
     loaded, hf_rows = {}, []
     m = None
     for model_name, pol, budget, ctx, batch, *mode in rows:
