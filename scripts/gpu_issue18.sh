@@ -11,7 +11,7 @@
 #   bash scripts/gpu_issue18.sh flags PLAN FLAGS...  this checkout's PLAN without, then with FLAGS, --profile;
 #                                           ab-flags-PLAN.md. The candidates: --evict-chunk 512 (the eviction as a
 #                                           split reduction, fast.cache.EVICT_CHUNK), --max-autotune (Triton GEMM
-#                                           templates with fused epilogues), --static, --tune
+#                                           templates with fused epilogues), --static, --tune, --reverse (the rows last to first)
 #   bash scripts/gpu_issue18.sh colsum      scripts/kernel_probe.py --configs: the column sums under each launch
 #                                           config and the autotuner's pick (4k, 8k, 32k rows, 7B heads)
 #   bash scripts/gpu_issue18.sh static PLAN this checkout's PLAN with --static (each row's step compiled for its
