@@ -230,6 +230,17 @@ class Reuse:
             self.held[B] = (cache, step)
 
 
+def wants_graph(args, model) -> bool:
+    """--graph, or by default a fast model on CUDA (as generate.py's CLI): its steady calls are the
+    eager step replayed as a CUDA graph, the same computation without the host's launch cost (9.6x
+    the eager calls token by token on an H200, README Performance). --no-graph, --compile or the
+    reference model: not."""
+    if args.graph:
+        return True
+    return (model.device.type == "cuda" and isinstance(model, fast.model.Transformer) and not getattr(args, "no_graph", False)
+            and not args.compile)
+
+
 def steady_step(model, cache, setup: Setup):
     """The step for a cache's steady calls (after the first, all of one shape: with --chunk 1 the
     token-by-token calls, each a decode step), or None: --graph replays the eager step as a CUDA
@@ -856,7 +867,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--max-batch-tokens", type=int, default=32768, help="batch size x length at most (memory)")
     common.add_argument("--compile", action="store_true", help="steady calls through fast.compile_decode")
     common.add_argument("--graph", action="store_true",
-                        help="steady calls replayed as a CUDA graph of the eager step (fast.graph_decode; no compile)")
+                        help="steady calls replayed as a CUDA graph of the eager step (fast.graph_decode; no compile);"
+                        " the default on CUDA with the fast path")
+    common.add_argument("--no-graph", action="store_true", help="steady calls eager, one model call each (on CUDA too)")
     common.add_argument("--reference", action="store_true",
                         help="the plain reference path (model.py, cache.py) without the fast/ twins")
     common.add_argument("--device", default=None, help="default: cuda when present, else cpu")
@@ -942,6 +955,8 @@ def run(args, model=None, tok=None):
         value = getattr(args, flag, None)
         if value is not None and value < least:
             raise ValueError(f"--{flag.replace('_', '-')} {value}: use a number >= {least}")
+    if getattr(args, "graph", False) and getattr(args, "no_graph", False):
+        raise ValueError("--graph and --no-graph: give one of them")
     args.policy_list = args.policies or ([args.policy] if args.policy else _list(str)(args.default_policies))
     sweep.init()  # under torchrun: the ranks share each command's cells (sweep.py)
     if not args.out and not args.dry_run:  # one name for every rank: rank 0's time
@@ -975,7 +990,8 @@ def run(args, model=None, tok=None):
     if args.command == "suite":
         return run_suite(args, model, tok)
     setup = Setup(mode=args.mode, chunk=args.chunk, positions=args.positions, method=args.method, compile=args.compile,
-                  graph=args.graph, flags=dict(alpha=args.alpha, n_sink=args.n_sink, recent=args.recent, gqa=args.gqa))
+                  graph=wants_graph(args, model),
+                  flags=dict(alpha=args.alpha, n_sink=args.n_sink, recent=args.recent, gqa=args.gqa))
     t0 = time.perf_counter()
     results = args.func(model, tok, args, setup)
     if args.dry_run:

@@ -4,14 +4,18 @@ file) or ends in one line `error: ...` (exit 2, nothing on stdout, no traceback)
 may come before the error line; the error is the last line and the only one. The gaps the
 fuzzing found (multi-line argparse errors, --tokens/--window/--batch-size below 1) are tested at the end."""
 
+import copy
 import json
 
 import pytest
+import torch
 from helpers import tiny_model
 from test_evaluate import FAKE_DOCS, CharTokenizer
 
 import data
 import evaluate
+import fast
+import model
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +70,7 @@ GRID = [
     (["mask-sim", "--text", "TEXT", "--tokens", "80", "--policies", "h2o", "--ratio", "0.3"], OK),
     (["mask-sim", "--text", "TEXT", "--tokens", "1000"], "fewer than --tokens"),
     (["suite", "--dry-run"], OK), (["suite", "--stages", "nope", "--dry-run"], "unknown stage 'nope'"),
+    (PPL + ["--no-graph"], OK), (PPL + ["--graph", "--no-graph"], "--graph and --no-graph"),
 ]
 
 
@@ -96,3 +101,20 @@ def test_ppl_window(setting, window):
 
 def test_negative_batch_size(setting):
     assert "--batch-size" in setting(PPL + ["--batch-size", "-1"])
+
+
+def test_steady_calls_replay_a_cuda_graph_by_default_on_cuda_only(tiny, monkeypatch):
+    """evaluate.py's steady calls (token by token: its hot path) go through fast.graph_decode by
+    default where the model is a fast one on CUDA, as generate.py's CLI does; eager on the CPU, with
+    --no-graph or --compile, and for the reference model. (The device is faked: no CUDA here.)"""
+    ref = tiny[0]
+    fast_model = fast.enable(copy.deepcopy(ref))
+    args = lambda *flags: evaluate.parser().parse_args(PPL + list(flags))  # noqa: E731
+    assert not evaluate.wants_graph(args(), fast_model)  # the CPU
+    assert evaluate.wants_graph(args("--graph"), fast_model)
+    monkeypatch.setattr(model.Transformer, "device", property(lambda self: torch.device("cuda")))
+    assert fast_model.device.type == "cuda" and ref.device.type == "cuda"
+    assert evaluate.wants_graph(args(), fast_model)
+    assert not evaluate.wants_graph(args("--no-graph"), fast_model)
+    assert not evaluate.wants_graph(args("--compile"), fast_model)
+    assert not evaluate.wants_graph(args(), ref)  # the reference model has no graph step
