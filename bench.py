@@ -398,10 +398,13 @@ def main(argv=None):
                     " place in the process? Issue 18: idle time inside the step from the fourth row on)")
     ap.add_argument("--max-autotune", action="store_true", help="inductor's max-autotune for the compiled step's"
                     " matmuls (Triton GEMM templates beside cuBLAS, pointwise epilogues fused into them)")
+    ap.add_argument("--no-rows", action="store_true", help="the decode step's projections as cuBLAS matmuls with the"
+                    " norms and adds apart (fast.model.ROWS off), to time beside the fused kernels.linear_rows")
     args = ap.parse_args(argv)
     if args.evict_chunk is not None and args.evict_chunk < 1:
         ap.error("--evict-chunk takes a positive number of slots, e.g. 512")
     fast.cache.EVICT_CHUNK = args.evict_chunk
+    fast.model.ROWS = not args.no_rows
     args.no_compile = args.no_compile or args.reference
     if args.tune:
         torch._inductor.config.coordinate_descent_tuning = True

@@ -277,8 +277,14 @@ class Attention(nn.Module):
         """x (B, T, dim); positions (B, T) the rows' text positions; angles their rotary (cos, sin)
         or None (OPT). -> (B, T, dim)."""
         q, k, v = self.project(x)  # q (B, Hkv, G, T, D), k and v (B, Hkv, T, D)
+        return self.output(self.forward_heads(q, k, v, positions, angles, layer_cache))
+
+    def forward_heads(self, q, k, v, positions, angles, layer_cache=None):
+        """The middle of forward, from the projected heads (project) to the heads' outputs, before
+        wo: rotate, the cache's update, attend, the policy's score update, evict.
+        -> (B, Hkv, G, T, D)."""
         if layer_cache is None:  # no cache: plain causal attention over this call's rows
-            return self.output(causal_attention(self.rope(q, angles), self.rope(k, angles), v, self.cfg.window))
+            return causal_attention(self.rope(q, angles), self.rope(k, angles), v, self.cfg.window)
         if not layer_cache.rotate_on_read:  # original positions: keys are stored rotated
             q, k = self.rope(q, angles), self.rope(k, angles)
         call = layer_cache.update(k, v, positions)  # the new tokens enter; what the rows may attend to
@@ -295,7 +301,7 @@ class Attention(nn.Module):
             layer_cache.observe(call, probs, mask, r0, r0 + rows)  # the policy's sum over these rows
             outs.append(out)
         layer_cache.evict(call)  # after this layer's attention, before the next layer runs
-        return self.output(outs[0] if len(outs) == 1 else torch.cat(outs, dim=3))  # (B, Hkv, G, T, D) -> (B, T, dim)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)  # (B, Hkv, G, T, D)
 
 
 class MLP(nn.Module):

@@ -305,3 +305,105 @@ def prefill_available(device, dtype, policy, cfg) -> bool:
     return (triton is not None and torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention")
             and (policy.gqa == "sum" or cfg.group == 1) and cfg.head_dim <= 256)
+
+
+# -- decode: the projections, with the norm before and the residual or SwiGLU after -----------
+
+if triton is not None:
+
+    @triton.jit
+    def _row_kernel(X, W, NORM, BIAS, RES, OUT, N, K, eps,
+                    HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One program: outputs [n0, n0 + BLOCK_N) of Eq. (2) for one row. X (K,), W (N or 2N, K) as
+        nn.Linear stores it, NORM (K,), BIAS (N or 2N,), RES and OUT (N,). One pass over the weights,
+        in fp32 registers (a tensor-core tile would pad the row to 16, and measured slower); the norm's
+        sum of squares is taken in the same pass and its 1 / sqrt applied at the end (the gain g
+        multiplies x in fp32, so nothing is rounded before the products)."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_ok = offs_n < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        ss = tl.zeros((BLOCK_K,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = k0 + offs_k < K
+            x = tl.load(X + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                ss += x * x
+                x = x * tl.load(NORM + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(W + offs_n[:, None] * K + (k0 + offs_k)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+            if GLU:
+                w_up = tl.load(W + (N + offs_n)[:, None] * K + (k0 + offs_k)[None, :],
+                               mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                acc_up += w_up.to(tl.float32) * x[None, :]
+        a = tl.sum(acc, 1)  # (BLOCK_N,)
+        a_up = tl.sum(acc_up, 1)
+        if HAS_NORM:
+            scale = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+            a, a_up = a * scale, a_up * scale
+        if HAS_BIAS:
+            a += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            if GLU:
+                a_up += tl.load(BIAS + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if GLU:  # silu(gate) * up, each rounded to the output's dtype first, as the torch ops round them
+            gate = a.to(OUT.dtype.element_ty).to(tl.float32)
+            up = a_up.to(OUT.dtype.element_ty).to(tl.float32)
+            a = (gate / (1.0 + tl.exp(-gate))).to(OUT.dtype.element_ty).to(tl.float32) * up
+        if HAS_RES:  # the residual stream plus the projection rounded to the output's dtype, as x + wo(out)
+            a = tl.load(RES + offs_n, mask=n_ok, other=0.0).to(tl.float32) + a.to(OUT.dtype.element_ty).to(tl.float32)
+        tl.store(OUT + offs_n, a.to(OUT.dtype.element_ty), mask=n_ok)
+
+    # (BLOCK_N, BLOCK_K, num_warps, num_stages). The first is the fixed launch off CUDA (the tests); on
+    # CUDA the autotuner times them all on the device, once per weight shape. Narrow matrices want few
+    # rows a program and one long pass over K (more programs, more bytes in flight), wide ones more rows
+    # (scripts/rows_probe.py --configs: results/targets_h200x2/rows-probe.log).
+    ROW_CONFIGS = [(8, 512, 4, 1), (16, 256, 4, 1), (16, 512, 4, 2), (32, 256, 4, 2), (4, 1024, 4, 1),
+                   (8, 1024, 8, 2), (16, 128, 4, 3), (32, 128, 4, 3), (2, 1024, 4, 1), (8, 1024, 4, 1),
+                   (4, 2048, 8, 1), (2, 2048, 8, 1), (16, 1024, 8, 1), (1, 2048, 8, 1)]
+    _row_tuned = triton.autotune(
+        [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=st) for n, k, w, st in ROW_CONFIGS],
+        key=["N", "K", "HAS_NORM", "GLU"])(_row_kernel)
+
+ROWS_MAX = 1  # rows linear_rows takes: one (a decode step of one sequence); more are a matmul's work
+
+
+def linear_rows(x, weight, bias=None, norm=None, eps=1e-5, residual=None, glu=False, config=None):
+    """A decode step's projection of one row, with what comes before and after it fused:
+
+        y = residual + silu(a_gate) * a_up,  a = W (g * x / sqrt(mean(x^2) + eps)) + b        (2)
+
+    each part only where given: `norm` g (K,) the RMSNorm before (Zhang & Sennrich 2019), `glu` the
+    SwiGLU after (W stacks the gate's rows over the up's, as fast.fuse_linears does: Shazeer 2020),
+    `residual` (.., N) the residual stream's add. One kernel instead of three to five; the weights
+    stream once. x (.., K) holding ROWS_MAX row, weight (N or 2N, K), bias (N or 2N,) -> (.., N) in
+    x's dtype. The twin: linear_rows_reference. config: one of ROW_CONFIGS, forced (by default the
+    first off CUDA, the autotuner's pick on CUDA)."""
+    K = x.shape[-1]
+    N = weight.shape[0] // 2 if glu else weight.shape[0]
+    row = x.reshape(-1, K).contiguous()  # (1, K)
+    assert row.shape[0] <= ROWS_MAX, f"linear_rows takes {ROWS_MAX} row"
+    out = torch.empty(1, N, device=x.device, dtype=x.dtype)
+    res = residual.reshape(1, N).contiguous() if residual is not None else out
+    args = (row, weight, norm if norm is not None else row, bias if bias is not None else row, res, out, N, K, eps)
+    flags = dict(HAS_NORM=norm is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, GLU=glu)
+    if config is None and x.is_cuda:
+        _row_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+    else:
+        n, k, warps, stages = config or ROW_CONFIGS[0]
+        _row_kernel[(triton.cdiv(N, n),)](*args, **flags, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)
+    return out.view(*x.shape[:-1], N)
+
+
+def linear_rows_reference(x, weight, bias=None, norm=None, eps=1e-5, residual=None, glu=False):
+    """The slow twin of linear_rows: model.RMSNorm, F.linear, silu(gate) * up, + residual, as
+    model.Block runs them."""
+    if norm is not None:
+        xf = x.float()
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm.float()).type_as(x)
+    y = torch.nn.functional.linear(x, weight, bias)
+    if glu:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    return y if residual is None else residual + y

@@ -111,6 +111,41 @@ class MLP(reference.MLP):
         return self.w_down(F.silu(gate) * up)
 
 
+# Decode-step projections through kernels.linear_rows where they apply (rows_apply); False: never
+# (bench.py --no-rows, to time the two side by side).
+ROWS = True
+
+
+def rows_apply(x, *linears: nn.Module) -> bool:
+    """Whether a decode step's projections run as kernels.linear_rows (norm, matmul and what follows
+    in one kernel): the Triton kernels apply to x (CUDA, half precision), one new token for each of at
+    most ROWS_MAX sequences, and
+    the linears are plain nn.Linear (tp.RowParallelLinear all-reduces after its matmul: the block's
+    reference path runs)."""
+    return (ROWS and kernels.available(x) and x.shape[1] == 1 and x.shape[0] <= kernels.ROWS_MAX
+            and all(type(lin) is nn.Linear for lin in linears))
+
+
+class Block(reference.Block):
+    def forward(self, x, positions, angles, layer_cache=None):
+        """model.Block.forward with, in a decode step (rows_apply), each projection one kernel with
+        its neighbours fused (kernels.linear_rows): attn_norm into wqkv, the residual add into wo,
+        mlp_norm into w_gate_up with the SwiGLU after it, the residual add into w_down. x (B, T, dim)."""
+        attn, mlp = self.attn, self.mlp
+        if mlp.arch != "llama" or not rows_apply(x, attn.wo, mlp.w_down):
+            return super().forward(x, positions, angles, layer_cache)
+        cfg = attn.cfg
+        sizes = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+        qkv = kernels.linear_rows(x, attn.wqkv, attn.wqkv_bias, norm=self.attn_norm.weight, eps=self.attn_norm.eps)
+        out = attn.forward_heads(*attn.heads(*qkv.split(sizes, dim=-1)), positions, angles, layer_cache)
+        B, Hkv, G, T, D = out.shape  # (B, Hkv, G, T, D) -> (B, T, H*D), as Attention.output
+        x = kernels.linear_rows(out.permute(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D), attn.wo.weight, attn.wo.bias,
+                                residual=x)
+        h = kernels.linear_rows(x, mlp.w_gate_up, mlp.w_gate_up_bias, norm=self.mlp_norm.weight, eps=self.mlp_norm.eps,
+                                glu=True)  # (B, T, hidden)
+        return kernels.linear_rows(h, mlp.w_down.weight, mlp.w_down.bias, residual=x)
+
+
 class Transformer(reference.Transformer):
     def forward(self, tokens, cache=None, block_fn=None):
         """model.Transformer.forward, with the prompt's twin for a first call into an empty
@@ -125,6 +160,12 @@ class Transformer(reference.Transformer):
         for block, layer_cache in zip(self.layers, cache.layers):
             x = block_fn(block, x, positions, angles, layer_cache)
         return self.head(x)
+
+    def head(self, x):
+        """model.Transformer.head; in a decode step (rows_apply) the final norm fused into lm_head."""
+        if self.cfg.arch != "llama" or not rows_apply(x, self.lm_head):
+            return super().head(x)
+        return kernels.linear_rows(x, self.lm_head.weight, norm=self.norm.weight, eps=self.norm.eps)
 
     def prompt_applies(self, cache) -> bool:
         """Whether the prompt's twin runs: a policy with no scores, or the kernels for its scores; never
@@ -164,6 +205,7 @@ def enable(model: reference.Transformer) -> Transformer:
     hooks them (the exercises do) runs on the reference model, as load_weights.load returns it."""
     model.__class__ = Transformer
     for block in model.layers:
+        block.__class__ = Block
         if not isinstance(block.attn, Attention):
             block.attn.__class__ = Attention
             fuse_linears(block.attn, "wqkv", block.attn.wq, block.attn.wk, block.attn.wv)

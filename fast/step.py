@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from model import Block
-
 
 def compile_decode(model, cache, backend: str | None = None, warmup: int = 2, dynamic: bool | None = None):
     """The decode step, score update and eviction included, with each transformer block compiled
@@ -32,7 +30,7 @@ def compile_decode(model, cache, backend: str | None = None, warmup: int = 2, dy
     # every policy family and cache shape is one more compiled entry of Block.forward (evaluate.py
     # runs dozens in one process); past the default limit of 8, dynamo would fall back to eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-    block_fn = torch.compile(Block.forward, backend=backend, fullgraph=True, dynamic=dynamic)
+    block_fn = torch.compile(type(model.layers[0]).forward, backend=backend, fullgraph=True, dynamic=dynamic)
     step = lambda tokens: model(tokens, cache, block_fn=block_fn)  # noqa: E731
     return CudaGraphStep(step, warmup) if cache.device.type == "cuda" else step
 

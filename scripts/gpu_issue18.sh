@@ -16,6 +16,10 @@
 #                                           config and the autotuner's pick (4k, 8k, 32k rows, 7B heads)
 #   bash scripts/gpu_issue18.sh static PLAN this checkout's PLAN with --static (each row's step compiled for its
 #                                           own cache size), beside new-PLAN.json of the phase above
+#   bash scripts/gpu_issue18.sh rows PLAN [FLAGS]  this checkout's PLAN with --no-rows (the projections as
+#                                           cuBLAS matmuls, norms and adds apart), then as it is (kernels.linear_rows:
+#                                           norm, matmul and residual or SwiGLU in one kernel); ab-rows-PLAN.md
+#   bash scripts/gpu_issue18.sh probe       scripts/rows_probe.py --configs: linear_rows against cuBLAS per matrix
 #
 # Each writes $OUT/r/{old,new}-PLAN.json and .log; `python scripts/ab_summary.py DIR` puts old and new side
 # by side (the medians when a phase ran more than once); transformers' rows are in new-PLAN.log.
@@ -55,6 +59,21 @@ flags)
   grep "^|\|^#\|Error" $OUT/r/flags/new-$plan.log | grep -v "^|--\|^| *Name"
   echo "# new = with $*" | tee $OUT/r/ab-flags-$plan.md
   python scripts/ab_summary.py $OUT/r/flags | tee -a $OUT/r/ab-flags-$plan.md
+  ;;
+rows)
+  plan=$2
+  shift 2
+  mkdir -p $OUT/r/rows-$plan
+  timeout ${ROWS_TIMEOUT:-270} python bench.py --plan $plan --no-hf --weights random --no-rows "$@" \
+    --out $OUT/r/rows-$plan/old-$plan.json 2>&1 | quiet > $OUT/r/rows-$plan/old-$plan.log
+  timeout ${ROWS_TIMEOUT:-270} python bench.py --plan $plan --no-hf --weights random --profile "$@" \
+    --out $OUT/r/rows-$plan/new-$plan.json 2>&1 | quiet > $OUT/r/rows-$plan/new-$plan.log
+  grep "^|\|^#\|Error" $OUT/r/rows-$plan/new-$plan.log | grep -v "^|--\|^| *Name"
+  echo "# old = --no-rows, new = linear_rows; $*" | tee $OUT/r/ab-rows-$plan.md
+  python scripts/ab_summary.py $OUT/r/rows-$plan | tee -a $OUT/r/ab-rows-$plan.md
+  ;;
+probe)
+  timeout ${PROBE_TIMEOUT:-200} python scripts/rows_probe.py --configs 2>&1 | quiet | grep "^|\|^#\|Error" | tee $OUT/r/rows-probe.log
   ;;
 colsum)
   timeout ${COLSUM_TIMEOUT:-300} python scripts/kernel_probe.py --configs 2>&1 | quiet | grep "^|" | tee $OUT/r/colsum.log

@@ -93,6 +93,47 @@ def test_column_sums_under_every_launch_config_the_autotuner_may_pick(config):
     assert (sums[2] == 0).all() and (sums[0, :, 70:] > 0).all()
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), N=st.integers(1, 90), K=st.integers(1, 300), norm=st.booleans(),
+       bias=st.booleans(), residual=st.booleans(), glu=st.booleans(), config=st.integers(0, 100))
+def test_linear_rows_equals_norm_matmul_and_epilogue(seed, N, K, norm, bias, residual, glu, config):
+    """Eq. (2) of fast/kernels.py in one kernel, under any launch config the autotuner may pick,
+    against model.RMSNorm, F.linear, silu(gate) * up and the residual add run one after another:
+    widths no multiple of a block, each part on or off."""
+    config, M = kernels.ROW_CONFIGS[config % len(kernels.ROW_CONFIGS)], 1
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(DEVICE, DTYPE)
+    w = (torch.randn(2 * N if glu else N, K, generator=g) / math.sqrt(K)).to(DEVICE, DTYPE)
+    b = torch.randn(w.shape[0], generator=g).to(DEVICE, DTYPE) if bias else None
+    gain = (torch.rand(K, generator=g) + 0.5).to(DEVICE, DTYPE) if norm else None
+    res = torch.randn(M, N, generator=g).to(DEVICE, DTYPE) if residual else None
+    out = kernels.linear_rows(x, w, b, gain, 1e-5, res, glu, config=config)
+    ref = kernels.linear_rows_reference(x, w, b, gain, 1e-5, res, glu)
+    assert out.shape == (M, N) and out.dtype == x.dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-5 if DEVICE == "cpu" else 2e-2, atol=ATOL / 10)
+    if norm:  # the norm is taken over each row: scaling a row leaves its normed projection as it was (eps 0)
+        once, scaled = (kernels.linear_rows(a, w, b, gain, 0.0, res, glu, config=config) for a in (x, x * 4))
+        torch.testing.assert_close(scaled.float(), once.float(), rtol=1e-5 if DEVICE == "cpu" else 2e-2, atol=ATOL / 10)
+
+
+def test_rows_apply_only_to_plain_linears_and_a_few_rows(monkeypatch):
+    """The fused block runs only where linear_rows may: one new token of one sequence (ROWS_MAX), and
+    plain nn.Linear
+    projections (tp.RowParallelLinear all-reduces after its matmul, which the fused block would skip)."""
+    from fast import model as fast_model
+    monkeypatch.setattr(kernels, "available", lambda x: True)
+
+    class AllReduced(torch.nn.Linear):
+        pass
+    plain, other = torch.nn.Linear(4, 4), AllReduced(4, 4)
+    assert fast_model.rows_apply(torch.zeros(1, 1, 4), plain, plain)
+    assert not fast_model.rows_apply(torch.zeros(1, 1, 4), plain, other)
+    assert not fast_model.rows_apply(torch.zeros(kernels.ROWS_MAX + 1, 1, 4), plain)
+    assert not fast_model.rows_apply(torch.zeros(1, 2, 4), plain)  # a prompt's rows: a matmul's work
+    monkeypatch.setattr(fast_model, "ROWS", False)
+    assert not fast_model.rows_apply(torch.zeros(1, 1, 4), plain)
+
+
 def test_the_lse_twin_is_the_fused_causal_attention():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 2, 3, 17, 16, generator=g)
@@ -132,24 +173,26 @@ MODEL_CASES = [(p, 64 if p == "full" or (DEVICE == "cuda" and p not in ("sink", 
 @pytest.mark.parametrize("policy_name,budget", MODEL_CASES)
 def test_model_fast_paths_with_kernels_equal_the_reference(kernels_on_cpu, monkeypatch, policy_name, budget):
     """A prompt (prefill mode: the prompt's twin with the fused causal attention and column sums,
-    rank_prompt) then decode steps (the decode kernel, evict_one, full's slot by position) on the
+    rank_prompt) then decode steps (the decode kernel, the fused projections of fast.model.Block,
+    evict_one, full's slot by position) on the
     fast path, against the reference model and cache (explicit softmax or SDPA, keep_top): the
     same logits, the same policy state, and the same tokens kept in every layer and head after
     every call."""
-    calls = {"decode": 0, "column_sums": 0}
+    calls = {"decode_attention": 0, "column_sums": 0, "linear_rows": 0}
     for name in calls:
-        original = getattr(kernels, name + ("_attention" if name == "decode" else ""))
+        original = getattr(kernels, name)
 
         def counted(*args, _original=original, _name=name, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
-        monkeypatch.setattr(kernels, name + ("_attention" if name == "decode" else ""), counted)
+        monkeypatch.setattr(kernels, name, counted)
     ref, m = twins()
     prompt = 16
     budget = None if policy_name == "full" else budget
     p = policies.make_policy(policy_name, budget)
-    tokens = torch.randint(0, 128, (2, prompt + 12), generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    caches = [kind(m.cfg, p, budget, batch=2, mode="prefill", device=DEVICE, dtype=DTYPE)
+    batch = 1 if policy_name in ("a2sf", "sink", "full", "snapkv") else 2  # one sequence: the fused projections
+    tokens = torch.randint(0, 128, (batch, prompt + 12), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    caches = [kind(m.cfg, p, budget, batch=batch, mode="prefill", device=DEVICE, dtype=DTYPE)
               for kind in (fast.KVCache, cache_mod.KVCache)]
     kept = [[], []]
     with torch.no_grad():
@@ -160,7 +203,9 @@ def test_model_fast_paths_with_kernels_equal_the_reference(kernels_on_cpu, monke
                 kept[i].append([c.kept_positions(layer) for layer in range(m.cfg.n_layers)])
     fast_out, slow_out = (torch.cat(o, dim=1) for o in outs)
     torch.testing.assert_close(fast_out.float(), slow_out.float(), rtol=0, atol=1e-4 if DEVICE == "cpu" else 0.1)
-    assert calls["decode"] == 12 * m.cfg.n_layers  # every decode step of every layer took the kernel
+    assert calls["decode_attention"] == 12 * m.cfg.n_layers  # every decode step of every layer took the kernel
+    # one sequence: the fused projections too, the output layer's included (two: the block's reference path)
+    assert calls["linear_rows"] == (12 * (4 * m.cfg.n_layers + 1) if batch == 1 else 0)
     assert calls["column_sums"] == (m.cfg.n_layers if p.scored else 0)  # the prompt took the twin
     assert kept[0] == kept[1]
     for a, b in zip(caches[0].layers, caches[1].layers):
