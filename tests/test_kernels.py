@@ -240,8 +240,8 @@ def test_autotuned_column_sums_equal_the_explicit_ones_on_cuda(policy_name):
 @pytest.mark.parametrize("policy_name", ["h2o", "a2sf", "vatp", "sink", "full"])
 def test_compiled_step_with_the_decode_kernel_equals_eager_on_cuda(policy_name):
     """The decode kernel (and, for one sequence, the fused projections) inside the compiled,
-    graph-captured step (fast.compile_decode, bf16) against the reference model's eager step (inductor fuses the bf16 roundings differently: 2e-2
-    apart measured, as test_fast allows)."""
+    graph-captured step (fast.compile_decode, bf16) against the reference model's eager step
+    (inductor fuses the bf16 roundings differently: 2e-2 apart measured, as test_fast allows)."""
     torch._dynamo.reset()
     ref, m = twins(torch.bfloat16)
     budget = None if policy_name == "full" else 12
