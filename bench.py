@@ -45,6 +45,7 @@ process in fp32 (tests/test_bench_tp.py).
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import json
 import statistics
@@ -398,6 +399,8 @@ def main(argv=None):
                     " place in the process? Issue 18: idle time inside the step from the fourth row on)")
     ap.add_argument("--max-autotune", action="store_true", help="inductor's max-autotune for the compiled step's"
                     " matmuls (Triton GEMM templates beside cuBLAS, pointwise epilogues fused into them)")
+    ap.add_argument("--inductor", default="", metavar="KEY=VALUE,...", help="torch._inductor.config settings for the"
+                    " compiled step, e.g. combo_kernels=True (independent small kernels launched as one)")
     ap.add_argument("--no-rows", action="store_true", help="the decode step's projections as cuBLAS matmuls with the"
                     " norms and adds apart (fast.model.ROWS off), to time beside the fused kernels.linear_rows")
     args = ap.parse_args(argv)
@@ -405,6 +408,15 @@ def main(argv=None):
         ap.error("--evict-chunk takes a positive number of slots, e.g. 512")
     fast.cache.EVICT_CHUNK = args.evict_chunk
     fast.model.ROWS = not args.no_rows
+    for setting in filter(None, args.inductor.split(",")):
+        key, _, value = setting.partition("=")
+        if not hasattr(torch._inductor.config, key) or not value:
+            ap.error(f"--inductor {setting!r}: give KEY=VALUE with a torch._inductor.config KEY, e.g. combo_kernels=True")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a plain string
+        setattr(torch._inductor.config, key, value)
     args.no_compile = args.no_compile or args.reference
     if args.tune:
         torch._inductor.config.coordinate_descent_tuning = True

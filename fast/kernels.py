@@ -135,7 +135,7 @@ def decode_split(S: int, heads: int) -> int:
     return min(1024, max(64, triton.next_power_of_2(-(-S // 256))))
 
 
-def decode_attention(q, k, v, mask, need_probs: bool = True):
+def decode_attention(q, k, v, mask, need_probs: bool = True, config=None):
     """The decode step's attention with its probabilities, one pass over the keys.
 
     q (B, Hkv, G, 1, D); k, v (B, Hkv, S, D) contiguous; mask (B, Hkv, 1, S) bool (True = may
@@ -148,6 +148,12 @@ def decode_attention(q, k, v, mask, need_probs: bool = True):
     assert T == 1, "decode_attention takes one row per sequence"
     SPLIT = decode_split(S, B * Hkv)
     BLOCK_N = min(SPLIT, 64 if G <= 16 else 32)
+    # one query row a KV head (G = 1, multi-head attention): 2 warps a program, 4% to 13% faster than
+    # Triton's default 4 on the 7B shape from 1k to 8k keys; grouped rows: 4 (scripts/decode_probe.py,
+    # results/targets_h200x2/decode-probe.log)
+    warps, stages = (2 if G == 1 else 4), 3
+    if config is not None:  # (SPLIT, BLOCK_N, num_warps, num_stages), forced (scripts/decode_probe.py)
+        SPLIT, BLOCK_N, warps, stages = config
     n_split = triton.cdiv(S, SPLIT)
     G_PAD = 1 if G == 1 else max(16, triton.next_power_of_2(G))  # tl.dot needs tiles of at least 16 rows
     f32 = torch.float32
@@ -158,7 +164,8 @@ def decode_attention(q, k, v, mask, need_probs: bool = True):
     _decode_kernel[(B * Hkv, n_split)](
         q.reshape(B * Hkv, G, D).contiguous(), k.contiguous(), v.contiguous(),
         mask.reshape(B * Hkv, S).to(torch.uint8), scores, m_part, l_part, acc_part,
-        S, n_split, LOG2E / math.sqrt(D), G=G, G_PAD=G_PAD, D=D, SPLIT=SPLIT, BLOCK_N=BLOCK_N, WRITE_SCORES=need_probs)
+        S, n_split, LOG2E / math.sqrt(D), G=G, G_PAD=G_PAD, D=D, SPLIT=SPLIT, BLOCK_N=BLOCK_N, WRITE_SCORES=need_probs,
+        num_warps=warps, num_stages=stages)
     # combine the splits (FlashAttention's rescaling), one program per query row
     out = torch.empty(B * Hkv * G, D, device=q.device, dtype=v.dtype)
     m, l = torch.empty(B * Hkv * G, device=q.device, dtype=f32), torch.empty(B * Hkv * G, device=q.device, dtype=f32)
@@ -355,16 +362,30 @@ if triton is not None:
             a = tl.load(RES + offs_n, mask=n_ok, other=0.0).to(tl.float32) + a.to(OUT.dtype.element_ty).to(tl.float32)
         tl.store(OUT + offs_n, a.to(OUT.dtype.element_ty), mask=n_ok)
 
-    # (BLOCK_N, BLOCK_K, num_warps, num_stages). The first is the fixed launch off CUDA (the tests); on
-    # CUDA the autotuner times them all on the device, once per weight shape. Narrow matrices want few
-    # rows a program and one long pass over K (more programs, more bytes in flight), wide ones more rows
-    # (scripts/rows_probe.py --configs: results/targets_h200x2/rows-probe.log).
+    # (BLOCK_N, BLOCK_K, num_warps, num_stages): the launch configs scripts/rows_probe.py --configs times
+    # (results/targets_h200x2/rows-probe.log); row_config picks among them.
     ROW_CONFIGS = [(8, 512, 4, 1), (16, 256, 4, 1), (16, 512, 4, 2), (32, 256, 4, 2), (4, 1024, 4, 1),
                    (8, 1024, 8, 2), (16, 128, 4, 3), (32, 128, 4, 3), (2, 1024, 4, 1), (8, 1024, 4, 1),
                    (4, 2048, 8, 1), (2, 2048, 8, 1), (16, 1024, 8, 1), (1, 2048, 8, 1)]
-    _row_tuned = triton.autotune(
-        [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=st) for n, k, w, st in ROW_CONFIGS],
-        key=["N", "K", "HAS_NORM", "GLU"])(_row_kernel)
+
+
+def row_config(N: int, K: int, glu: bool) -> tuple:
+    """linear_rows' launch for a weight of N outputs (pairs with glu) by K inputs. Timed on the H200 in a
+    CUDA graph, the weights cold (scripts/rows_probe.py --configs, the 7B and SmolLM2 shapes), this rule
+    is within 3% of the fastest of ROW_CONFIGS on all ten matrices, where a poor config costs up to 2x:
+    narrow matrices (o, down) want one row a program and a long pass over K (more programs, more bytes
+    in flight), SwiGLU's two accumulators four rows, wide ones more. A fixed rule, not Triton's
+    autotuner: it times each kernel alone (do_bench), where the small kernels' launch cost swamps their
+    differences; with its picks the 7B step (full, 1k) ran 235 tok/s on three H200 machines and 219 on
+    a fourth, where cuBLAS ran 227 (results/targets_h200x2/run3-rows/)."""
+    if glu:
+        return (4, 1024, 4, 1)
+    if N <= 4096:
+        return (1, 2048, 8, 1)
+    if N <= 16384:
+        return (8, 1024, 4, 1)
+    return (16, 128, 4, 3)
+
 
 ROWS_MAX = 1  # rows linear_rows takes: one (a decode step of one sequence); more are a matmul's work
 
@@ -378,8 +399,8 @@ def linear_rows(x, weight, bias=None, norm=None, eps=1e-5, residual=None, glu=Fa
     SwiGLU after (W stacks the gate's rows over the up's, as fast.fuse_linears does: Shazeer 2020),
     `residual` (.., N) the residual stream's add. One kernel instead of three to five; the weights
     stream once. x (.., K) holding ROWS_MAX row, weight (N or 2N, K), bias (N or 2N,) -> (.., N) in
-    x's dtype. The twin: linear_rows_reference. config: one of ROW_CONFIGS, forced (by default the
-    first off CUDA, the autotuner's pick on CUDA)."""
+    x's dtype. The twin: linear_rows_reference. config: one of ROW_CONFIGS, forced (by default
+    row_config's)."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if glu else weight.shape[0]
     row = x.reshape(-1, K).contiguous()  # (1, K)
@@ -388,11 +409,8 @@ def linear_rows(x, weight, bias=None, norm=None, eps=1e-5, residual=None, glu=Fa
     res = residual.reshape(1, N).contiguous() if residual is not None else out
     args = (row, weight, norm if norm is not None else row, bias if bias is not None else row, res, out, N, K, eps)
     flags = dict(HAS_NORM=norm is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, GLU=glu)
-    if config is None and x.is_cuda:
-        _row_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
-    else:
-        n, k, warps, stages = config or ROW_CONFIGS[0]
-        _row_kernel[(triton.cdiv(N, n),)](*args, **flags, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)
+    n, k, warps, stages = config or row_config(N, K, glu)
+    _row_kernel[(triton.cdiv(N, n),)](*args, **flags, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], N)
 
 
