@@ -148,9 +148,9 @@ def decode_attention(q, k, v, mask, need_probs: bool = True, config=None):
     assert T == 1, "decode_attention takes one row per sequence"
     SPLIT = decode_split(S, B * Hkv)
     BLOCK_N = min(SPLIT, 64 if G <= 16 else 32)
-    # one query row a KV head (G = 1, multi-head attention): 2 warps a program, 4% to 13% faster than
-    # Triton's default 4 on the 7B shape from 1k to 8k keys; grouped rows: 4 (scripts/decode_probe.py,
-    # results/targets_h200x2/decode-probe.log)
+    # one query row a KV head (G = 1, multi-head attention): 2 warps a program (on the 7B shape, 1k to 8k
+    # keys, the four fastest configs all run 2, the fastest 4% to 13% under 4 warps); grouped rows: 4
+    # (scripts/decode_probe.py, results/targets_h200x2/decode-probe.log)
     warps, stages = (2 if G == 1 else 4), 3
     if config is not None:  # (SPLIT, BLOCK_N, num_warps, num_stages), forced (scripts/decode_probe.py)
         SPLIT, BLOCK_N, warps, stages = config
@@ -376,8 +376,8 @@ def row_config(N: int, K: int, glu: bool) -> tuple:
     narrow matrices (o, down) want one row a program and a long pass over K (more programs, more bytes
     in flight), SwiGLU's two accumulators four rows, wide ones more. A fixed rule, not Triton's
     autotuner: it times each kernel alone (do_bench), where the small kernels' launch cost swamps their
-    differences; with its picks the 7B step (full, 1k) ran 235 tok/s on three H200 machines and 219 on
-    a fourth, where cuBLAS ran 227 (results/targets_h200x2/run3-rows/)."""
+    differences; with its picks the 7B step (full, 1k) ran 235 tok/s on two H200 machines and 219 on
+    a third, where cuBLAS ran 227 (results/targets_h200x2/run3-rows/)."""
     if glu:
         return (4, 1024, 4, 1)
     if N <= 4096:

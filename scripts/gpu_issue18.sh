@@ -20,6 +20,10 @@
 #                                           cuBLAS matmuls, norms and adds apart), then as it is (kernels.linear_rows:
 #                                           norm, matmul and residual or SwiGLU in one kernel); ab-rows-PLAN.md
 #   bash scripts/gpu_issue18.sh probe       scripts/rows_probe.py --configs: linear_rows against cuBLAS per matrix
+#   bash scripts/gpu_issue18.sh quick GPU MODEL CONTEXTS POLICIES BUDGETS TAG [FLAGS]  one bench.py grid (batch 1) on
+#                                           one GPU, $OUT/TAG.txt; e.g. quick 0 smollm2 1024 full,a2sf 256 base
+#   bash scripts/gpu_issue18.sh inductor    `quick` for SmolLM2 (GPU 0) and the 7B shape (GPU 1) with no setting,
+#                                           --inductor combo_kernels=True, aggressive_fusion=True, and both
 #
 # Each writes $OUT/r/{old,new}-PLAN.json and .log; `python scripts/ab_summary.py DIR` puts old and new side
 # by side (the medians when a phase ran more than once); transformers' rows are in new-PLAN.log.
@@ -71,6 +75,21 @@ rows)
   grep "^|\|^#\|Error" $OUT/r/rows-$plan/new-$plan.log | grep -v "^|--\|^| *Name"
   echo "# old = --no-rows, new = linear_rows; $*" | tee $OUT/r/ab-rows-$plan.md
   python scripts/ab_summary.py $OUT/r/rows-$plan | tee -a $OUT/r/ab-rows-$plan.md
+  ;;
+quick)
+  CUDA_VISIBLE_DEVICES=$2 timeout ${QUICK_TIMEOUT:-100} python bench.py --models $3 --contexts $4 --long "" --batches 1 \
+    --policies $5 --budgets $6 --no-hf --weights random --out $OUT/$7.json "${@:8}" 2>&1 | grep "^|\|^#\|Error\|error" \
+    | grep -v "^|--\|^| model" > $OUT/$7.txt
+  ;;
+inductor)
+  for gpu_model in "0 smollm2 1024 full,a2sf 256" "1 llama7b 1024,2048 full,h2o 1024"; do
+    set -- $gpu_model
+    (bash scripts/gpu_issue18.sh quick $1 $2 $3 $4 $5 $2-base
+     bash scripts/gpu_issue18.sh quick $1 $2 $3 $4 $5 $2-combo --inductor combo_kernels=True
+     bash scripts/gpu_issue18.sh quick $1 $2 $3 $4 $5 $2-aggr --inductor aggressive_fusion=True
+     bash scripts/gpu_issue18.sh quick $1 $2 $3 $4 $5 $2-both --inductor combo_kernels=True,aggressive_fusion=True) &
+  done
+  wait
   ;;
 probe)
   timeout ${PROBE_TIMEOUT:-200} python scripts/rows_probe.py --configs 2>&1 | quiet | grep "^|\|^#\|Error" | tee $OUT/r/rows-probe.log
