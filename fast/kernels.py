@@ -387,6 +387,8 @@ def row_config(N: int, K: int, glu: bool) -> tuple:
     return (16, 128, 4, 3)
 
 
+# Off CUDA (the tests, in Triton's interpreter, where each program is a Python loop): few programs.
+INTERPRETED_ROW_CONFIG = (32, 128, 4, 3)
 ROWS_MAX = 1  # rows linear_rows takes: one (a decode step of one sequence); more are a matmul's work
 
 
@@ -400,7 +402,7 @@ def linear_rows(x, weight, bias=None, norm=None, eps=1e-5, residual=None, glu=Fa
     `residual` (.., N) the residual stream's add. One kernel instead of three to five; the weights
     stream once. x (.., K) holding ROWS_MAX row, weight (N or 2N, K), bias (N or 2N,) -> (.., N) in
     x's dtype. The twin: linear_rows_reference. config: one of ROW_CONFIGS, forced (by default
-    row_config's)."""
+    row_config's on CUDA)."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if glu else weight.shape[0]
     row = x.reshape(-1, K).contiguous()  # (1, K)
@@ -409,7 +411,7 @@ def linear_rows(x, weight, bias=None, norm=None, eps=1e-5, residual=None, glu=Fa
     res = residual.reshape(1, N).contiguous() if residual is not None else out
     args = (row, weight, norm if norm is not None else row, bias if bias is not None else row, res, out, N, K, eps)
     flags = dict(HAS_NORM=norm is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, GLU=glu)
-    n, k, warps, stages = config or row_config(N, K, glu)
+    n, k, warps, stages = config or (row_config(N, K, glu) if x.is_cuda else INTERPRETED_ROW_CONFIG)
     _row_kernel[(triton.cdiv(N, n),)](*args, **flags, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], N)
 

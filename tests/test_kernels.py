@@ -116,6 +116,15 @@ def test_linear_rows_equals_norm_matmul_and_epilogue(seed, N, K, norm, bias, res
         torch.testing.assert_close(scaled.float(), once.float(), rtol=1e-5 if DEVICE == "cpu" else 2e-2, atol=ATOL / 10)
 
 
+@pytest.mark.parametrize("N,K,glu", [(12288, 4096, False), (4096, 4096, False), (11008, 4096, True),
+                                     (4096, 11008, False), (32000, 4096, False), (960, 576, False), (576, 576, False),
+                                     (1536, 576, True), (576, 1536, False), (49152, 576, False), (1, 1, False)])
+def test_row_config_picks_one_of_the_configs_the_tests_run(N, K, glu):
+    """linear_rows' default launch (row_config) is one of ROW_CONFIGS, each of which the hypothesis test
+    above runs against the twin: the 7B and SmolLM2 matrices of scripts/rows_probe.py and a 1 x 1."""
+    assert kernels.row_config(N, K, glu) in kernels.ROW_CONFIGS
+
+
 def test_rows_apply_only_to_plain_linears_and_a_few_rows(monkeypatch):
     """The fused block runs only where linear_rows may: one new token of one sequence (ROWS_MAX), and
     plain nn.Linear
