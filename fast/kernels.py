@@ -389,7 +389,6 @@ def row_config(N: int, K: int, glu: bool) -> tuple:
 
 # Off CUDA (the tests, in Triton's interpreter, where each program is a Python loop): few programs.
 INTERPRETED_ROW_CONFIG = (32, 128, 4, 3)
-ROWS_MAX = 1  # rows linear_rows takes: one (a decode step of one sequence); more are a matmul's work
 
 
 def linear_rows(x, weight, bias=None, norm=None, eps=1e-5, residual=None, glu=False, config=None):
@@ -400,13 +399,13 @@ def linear_rows(x, weight, bias=None, norm=None, eps=1e-5, residual=None, glu=Fa
     each part only where given: `norm` g (K,) the RMSNorm before (Zhang & Sennrich 2019), `glu` the
     SwiGLU after (W stacks the gate's rows over the up's, as fast.fuse_linears does: Shazeer 2020),
     `residual` (.., N) the residual stream's add. One kernel instead of three to five; the weights
-    stream once. x (.., K) holding ROWS_MAX row, weight (N or 2N, K), bias (N or 2N,) -> (.., N) in
-    x's dtype. The twin: linear_rows_reference. config: one of ROW_CONFIGS, forced (by default
-    row_config's on CUDA)."""
+    stream once. x (.., K) one row (a decode step of one sequence: more rows are a matmul's work),
+    weight (N or 2N, K), bias (N or 2N,) -> (.., N) in x's dtype. The twin: linear_rows_reference.
+    config: one of ROW_CONFIGS, forced (by default row_config's on CUDA)."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if glu else weight.shape[0]
     row = x.reshape(-1, K).contiguous()  # (1, K)
-    assert row.shape[0] <= ROWS_MAX, f"linear_rows takes {ROWS_MAX} row"
+    assert row.shape[0] == 1, "linear_rows takes one row"
     out = torch.empty(1, N, device=x.device, dtype=x.dtype)
     res = residual.reshape(1, N).contiguous() if residual is not None else out
     args = (row, weight, norm if norm is not None else row, bias if bias is not None else row, res, out, N, K, eps)

@@ -121,11 +121,10 @@ ROWS = True
 
 def rows_apply(x, *linears: nn.Module) -> bool:
     """Whether a decode step's projections run as kernels.linear_rows (norm, matmul and what follows
-    in one kernel): the Triton kernels apply to x (CUDA, half precision), one new token for each of at
-    most ROWS_MAX sequences, and
-    the linears are plain nn.Linear (tp.RowParallelLinear all-reduces after its matmul: the block's
-    reference path runs)."""
-    return (ROWS and kernels.available(x) and x.shape[1] == 1 and x.shape[0] <= kernels.ROWS_MAX
+    in one kernel): the Triton kernels apply to x (CUDA, half precision), x is one new token of one
+    sequence, and the linears are plain nn.Linear (tp.RowParallelLinear all-reduces after its
+    matmul: the block's reference path runs)."""
+    return (ROWS and kernels.available(x) and x.shape[:2] == (1, 1)
             and all(type(lin) is nn.Linear for lin in linears))
 
 
