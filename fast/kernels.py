@@ -51,6 +51,35 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
+# Programmatic dependent launch (compute capability 9.0 on: the CUDA C++ Programming Guide, "Programmatic
+# Dependent Launch and Synchronization"). A kernel launched with it may start while the kernel before it
+# in the stream still runs: each of this file's decode-step kernels lets the next one start as soon as
+# all its programs are running (gdc_launch_dependents, first thing), and waits for the one before it to
+# finish, its writes visible, before it reads what that one wrote (gdc_wait). What comes before the wait
+# overlaps the previous kernel's tail: a program's start, and in linear_rows the first tile of weights
+# (nothing writes them). None: on where the device has it; False: never (bench.py --no-pdl). Under
+# torch.compile the launches go through custom ops (launch_op), which dynamo leaves opaque, as it must
+# for the launch attribute to reach Triton's launcher.
+PDL: bool | None = None
+
+
+def pdl(x: torch.Tensor) -> bool:
+    """Whether a kernel launch for tensors like x uses programmatic dependent launch (see PDL)."""
+    return PDL is not False and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def launch_options(x: torch.Tensor) -> dict:
+    """Triton's launch options for x's kernels: launch_pdl only where it is on (the interpreter takes none)."""
+    return {"launch_pdl": True} if pdl(x) else {}
+
+
+def launch_op(op, eager):
+    """What calls a launch: under torch.compile the custom op `op` (dynamo does not trace into it, so
+    the launch runs as written, its launch options included), else the plain function `eager` (the
+    same code, without the dispatcher's cost on an eager step)."""
+    return op if torch.compiler.is_compiling() else eager
+
+
 # -- decode: one row per sequence --------------------------------------------------------------
 
 if triton is not None:
@@ -59,12 +88,15 @@ if triton is not None:
     def _decode_kernel(Q, K, V, MASK, SCORES, M_PART, L_PART, ACC_PART,
                        S, n_split, scale_log2: tl.constexpr,
                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                       SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_SCORES: tl.constexpr):
+                       SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_SCORES: tl.constexpr, PDL: tl.constexpr):
         """One program: one KV head of one sequence (its G query heads) over keys
         [split * SPLIT, (split + 1) * SPLIT). Q (B*Hkv, G, D); K, V (B*Hkv, S, D); MASK (B*Hkv, S);
         writes SCORES (B*Hkv, G, S) in log2 units (-inf where masked) if WRITE_SCORES, and per split
         the running max M_PART, sum L_PART (B*Hkv, G, n_split) and unnormalised output ACC_PART
-        (.., n_split, D)."""
+        (.., n_split, D). PDL: launched with programmatic dependent launch (see PDL)."""
+        if PDL:  # everything it reads the kernels before it wrote (q, the cache, the mask)
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         bkv = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         offs_g = tl.arange(0, G_PAD)  # query rows, padded to a tensor-core tile (G_PAD = 1 for G = 1)
@@ -107,10 +139,13 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(M_PART, L_PART, ACC_PART, OUT, M_OUT, L_OUT, n_split,
-                        D: tl.constexpr, N_PAD: tl.constexpr):
+                        D: tl.constexpr, N_PAD: tl.constexpr, PDL: tl.constexpr):
         """One program: one query row (of B*Hkv*G). Merges its n_split partial results
         (FlashAttention's rescaling): m = max_i m_i, l = sum_i l_i 2^(m_i - m),
         out = sum_i acc_i 2^(m_i - m) / l; writes out (D,) in OUT's dtype, m and l."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         offs_s = tl.arange(0, N_PAD)
         offs_d = tl.arange(0, D)
@@ -151,31 +186,55 @@ def decode_attention(q, k, v, mask, need_probs: bool = True, config=None):
     # one query row a KV head (G = 1, multi-head attention): 2 warps a program (on the 7B shape, 1k to 8k
     # keys, the four fastest configs all run 2, the fastest 4% to 13% under 4 warps); grouped rows: 4
     # (scripts/decode_probe.py, results/targets_h200x2/decode-probe.log)
-    warps, stages = (2 if G == 1 else 4), 3
-    if config is not None:  # (SPLIT, BLOCK_N, num_warps, num_stages), forced (scripts/decode_probe.py)
-        SPLIT, BLOCK_N, warps, stages = config
-    n_split = triton.cdiv(S, SPLIT)
-    G_PAD = 1 if G == 1 else max(16, triton.next_power_of_2(G))  # tl.dot needs tiles of at least 16 rows
-    f32 = torch.float32
-    scores = torch.empty(B * Hkv, G, S if need_probs else 1, device=q.device, dtype=f32)
-    m_part = torch.empty(B * Hkv, G, n_split, device=q.device, dtype=f32)
-    l_part = torch.empty_like(m_part)
-    acc_part = torch.empty(B * Hkv, G, n_split, D, device=q.device, dtype=f32)
-    _decode_kernel[(B * Hkv, n_split)](
-        q.reshape(B * Hkv, G, D).contiguous(), k.contiguous(), v.contiguous(),
-        mask.reshape(B * Hkv, S).to(torch.uint8), scores, m_part, l_part, acc_part,
-        S, n_split, LOG2E / math.sqrt(D), G=G, G_PAD=G_PAD, D=D, SPLIT=SPLIT, BLOCK_N=BLOCK_N, WRITE_SCORES=need_probs,
-        num_warps=warps, num_stages=stages)
-    # combine the splits (FlashAttention's rescaling), one program per query row
-    out = torch.empty(B * Hkv * G, D, device=q.device, dtype=v.dtype)
-    m, l = torch.empty(B * Hkv * G, device=q.device, dtype=f32), torch.empty(B * Hkv * G, device=q.device, dtype=f32)
-    _combine_kernel[(B * Hkv * G,)](m_part, l_part, acc_part, out, m, l, n_split,
-                                    D=D, N_PAD=max(2, triton.next_power_of_2(n_split)))
+    config = list(config or (SPLIT, BLOCK_N, 2 if G == 1 else 4, 3))  # (SPLIT, BLOCK_N, num_warps, num_stages)
+    scores, m, l, out = launch_op(torch.ops.kv_fast.decode_attention, _decode_launch)(
+        q.reshape(B * Hkv, G, D), k, v, mask.reshape(B * Hkv, S), need_probs, config)
     out = out.view(B, Hkv, G, 1, D)
     if not need_probs:
         return out, None
     probs = torch.exp2(scores - m.view(B * Hkv, G, 1)) / l.view(B * Hkv, G, 1)  # (B*Hkv, G, S): softmax of the scores
     return out, probs.view(B, Hkv, G, 1, S)
+
+
+def _decode_launch(q, k, v, mask, need_probs: bool, config: list[int]):
+    """decode_attention's two launches: the split pass over the keys, then the merge of the splits
+    (FlashAttention's rescaling, one program per query row). q (B*Hkv, G, D); k, v (B, Hkv, S, D);
+    mask (B*Hkv, S) bool -> scores (B*Hkv, G, S, or 1 without need_probs) in log2 units, each row's
+    max m and sum l (B*Hkv*G,) fp32, out (B*Hkv*G, D) in v's dtype."""
+    BHkv, G, D = q.shape
+    S = k.shape[2]
+    SPLIT, BLOCK_N, warps, stages = config
+    n_split = triton.cdiv(S, SPLIT)
+    G_PAD = 1 if G == 1 else max(16, triton.next_power_of_2(G))  # tl.dot needs tiles of at least 16 rows
+    f32, on = torch.float32, pdl(q)
+    scores = torch.empty(BHkv, G, S if need_probs else 1, device=q.device, dtype=f32)
+    m_part = torch.empty(BHkv, G, n_split, device=q.device, dtype=f32)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(BHkv, G, n_split, D, device=q.device, dtype=f32)
+    _decode_kernel[(BHkv, n_split)](
+        q.contiguous(), k.contiguous(), v.contiguous(), mask.contiguous().view(torch.uint8), scores, m_part, l_part,
+        acc_part, S, n_split, LOG2E / math.sqrt(D), G=G, G_PAD=G_PAD, D=D, SPLIT=SPLIT, BLOCK_N=BLOCK_N,
+        WRITE_SCORES=need_probs, PDL=on, num_warps=warps, num_stages=stages, **launch_options(q))
+    out = torch.empty(BHkv * G, D, device=q.device, dtype=v.dtype)
+    m, l = torch.empty(BHkv * G, device=q.device, dtype=f32), torch.empty(BHkv * G, device=q.device, dtype=f32)
+    _combine_kernel[(BHkv * G,)](m_part, l_part, acc_part, out, m, l, n_split, D=D,
+                                N_PAD=max(2, triton.next_power_of_2(n_split)), PDL=on, **launch_options(q))
+    return scores, m, l, out
+
+
+if triton is not None:
+    @torch.library.custom_op("kv_fast::decode_attention", mutates_args=(),
+                             schema="(Tensor q, Tensor k, Tensor v, Tensor mask, bool need_probs, int[] config)"
+                                    " -> (Tensor, Tensor, Tensor, Tensor)")
+    def _decode_op(q, k, v, mask, need_probs, config):
+        return _decode_launch(q, k, v, mask, need_probs, config)
+
+    @_decode_op.register_fake
+    def _(q, k, v, mask, need_probs, config):
+        BHkv, G, D = q.shape
+        f32 = torch.float32
+        return (q.new_empty(BHkv, G, k.shape[2] if need_probs else 1, dtype=f32), q.new_empty(BHkv * G, dtype=f32),
+                q.new_empty(BHkv * G, dtype=f32), q.new_empty(BHkv * G, D, dtype=v.dtype))
 
 
 def decode_attention_reference(q, k, v, mask):
@@ -319,32 +378,54 @@ def prefill_available(device, dtype, policy, cfg) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _row_weights(W, offs_n, n_ok, k0, offs_k, N, K, GLU: tl.constexpr):
+        """The weights of outputs offs_n (and with GLU the up rows N + offs_n) at inputs [k0, k0 + BLOCK_K)."""
+        ok = n_ok[:, None] & (k0 + offs_k < K)[None, :]
+        w = tl.load(W + offs_n[:, None] * K + (k0 + offs_k)[None, :], mask=ok, other=0.0)
+        w_up = w
+        if GLU:
+            w_up = tl.load(W + (N + offs_n)[:, None] * K + (k0 + offs_k)[None, :], mask=ok, other=0.0)
+        return w, w_up
+
+    @triton.jit
+    def _row_products(X, NORM, w, w_up, k0, offs_k, K, acc, acc_up, ss, HAS_NORM: tl.constexpr, GLU: tl.constexpr):
+        """Adds one tile's products w * (g * x) to the accumulators, and x's squares to the norm's sum."""
+        k_ok = k0 + offs_k < K
+        x = tl.load(X + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            ss += x * x
+            x = x * tl.load(NORM + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+        if GLU:
+            acc_up += w_up.to(tl.float32) * x[None, :]
+        return acc, acc_up, ss
+
+    @triton.jit
     def _row_kernel(X, W, NORM, BIAS, RES, OUT, N, K, eps,
                     HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """One program: outputs [n0, n0 + BLOCK_N) of Eq. (2) for one row. X (K,), W (N or 2N, K) as
         nn.Linear stores it, NORM (K,), BIAS (N or 2N,), RES and OUT (N,). One pass over the weights,
         in fp32 registers (a tensor-core tile would pad the row to 16, and measured slower); the norm's
         sum of squares is taken in the same pass and its 1 / sqrt applied at the end (the gain g
-        multiplies x in fp32, so nothing is rounded before the products)."""
+        multiplies x in fp32, so nothing is rounded before the products). The first tile of weights is
+        read before the wait for the kernel before (PDL: programmatic dependent launch, see PDL), which
+        wrote x and the residual, never the weights."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         n_ok = offs_n < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         ss = tl.zeros((BLOCK_K,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = k0 + offs_k < K
-            x = tl.load(X + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            if HAS_NORM:
-                ss += x * x
-                x = x * tl.load(NORM + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(W + offs_n[:, None] * K + (k0 + offs_k)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-            if GLU:
-                w_up = tl.load(W + (N + offs_n)[:, None] * K + (k0 + offs_k)[None, :],
-                               mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                acc_up += w_up.to(tl.float32) * x[None, :]
+        w, w_up = _row_weights(W, offs_n, n_ok, 0, offs_k, N, K, GLU)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        acc, acc_up, ss = _row_products(X, NORM, w, w_up, 0, offs_k, K, acc, acc_up, ss, HAS_NORM, GLU)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            w, w_up = _row_weights(W, offs_n, n_ok, k0, offs_k, N, K, GLU)
+            acc, acc_up, ss = _row_products(X, NORM, w, w_up, k0, offs_k, K, acc, acc_up, ss, HAS_NORM, GLU)
         a = tl.sum(acc, 1)  # (BLOCK_N,)
         a_up = tl.sum(acc_up, 1)
         if HAS_NORM:
@@ -404,15 +485,39 @@ def linear_rows(x, weight, bias=None, norm=None, eps=1e-5, residual=None, glu=Fa
     config: one of ROW_CONFIGS, forced (by default row_config's on CUDA)."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if glu else weight.shape[0]
-    row = x.reshape(-1, K).contiguous()  # (1, K)
+    row = x.reshape(-1, K)  # (1, K)
     assert row.shape[0] == 1, "linear_rows takes one row"
-    out = torch.empty(1, N, device=x.device, dtype=x.dtype)
-    res = residual.reshape(1, N).contiguous() if residual is not None else out
+    config = list(config or (row_config(N, K, glu) if x.is_cuda else INTERPRETED_ROW_CONFIG))
+    res = residual.reshape(1, N) if residual is not None else None
+    out = launch_op(torch.ops.kv_fast.linear_rows, _rows_launch)(row, weight, bias, norm, eps, res, glu, config)
+    return out.view(*x.shape[:-1], N)
+
+
+def _rows_launch(row, weight, bias, norm, eps: float, residual, glu: bool, config: list[int]):
+    """linear_rows' launch: row (1, K), residual (1, N) or None -> (1, N) in row's dtype."""
+    K = row.shape[-1]
+    N = weight.shape[0] // 2 if glu else weight.shape[0]
+    row = row.contiguous()
+    out = torch.empty(1, N, device=row.device, dtype=row.dtype)
+    res = residual.contiguous() if residual is not None else out
     args = (row, weight, norm if norm is not None else row, bias if bias is not None else row, res, out, N, K, eps)
     flags = dict(HAS_NORM=norm is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, GLU=glu)
-    n, k, warps, stages = config or (row_config(N, K, glu) if x.is_cuda else INTERPRETED_ROW_CONFIG)
-    _row_kernel[(triton.cdiv(N, n),)](*args, **flags, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)
-    return out.view(*x.shape[:-1], N)
+    n, k, warps, stages = config
+    _row_kernel[(triton.cdiv(N, n),)](*args, **flags, BLOCK_N=n, BLOCK_K=k, PDL=pdl(row), num_warps=warps,
+                                      num_stages=stages, **launch_options(row))
+    return out
+
+
+if triton is not None:
+    @torch.library.custom_op("kv_fast::linear_rows", mutates_args=(),
+                             schema="(Tensor row, Tensor weight, Tensor? bias, Tensor? norm, float eps, Tensor? residual,"
+                                    " bool glu, int[] config) -> Tensor")
+    def _rows_op(row, weight, bias, norm, eps, residual, glu, config):
+        return _rows_launch(row, weight, bias, norm, eps, residual, glu, config)
+
+    @_rows_op.register_fake
+    def _(row, weight, bias, norm, eps, residual, glu, config):
+        return row.new_empty(1, weight.shape[0] // 2 if glu else weight.shape[0])
 
 
 def linear_rows_reference(x, weight, bias=None, norm=None, eps=1e-5, residual=None, glu=False):

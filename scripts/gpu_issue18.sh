@@ -19,6 +19,9 @@
 #   bash scripts/gpu_issue18.sh rows PLAN [FLAGS]  this checkout's PLAN with --no-rows (the projections as
 #                                           cuBLAS matmuls, norms and adds apart), then as it is (kernels.linear_rows:
 #                                           norm, matmul and residual or SwiGLU in one kernel); ab-rows-PLAN.md
+#   bash scripts/gpu_issue18.sh pdl         rows_probe.py (linear_rows with and without programmatic dependent launch),
+#                                           `quick` SmolLM2 and 7B rows with --no-pdl, as is, and with inductor's
+#                                           kernels under PDL too; then the GPU tests of test_kernels and test_fast
 #   bash scripts/gpu_issue18.sh probe       scripts/rows_probe.py --configs: linear_rows against cuBLAS per matrix
 #   bash scripts/gpu_issue18.sh quick GPU MODEL CONTEXTS POLICIES BUDGETS TAG [FLAGS]  one bench.py grid (batch 1) on
 #                                           one GPU, $OUT/TAG.txt; e.g. quick 0 smollm2 1024 full,a2sf 256 base
@@ -90,6 +93,18 @@ inductor)
      bash scripts/gpu_issue18.sh quick $1 $2 $3 $4 $5 $2-both --inductor combo_kernels=True,aggressive_fusion=True) &
   done
   wait
+  ;;
+pdl)  # programmatic dependent launch (kernels.PDL) off and on, and inductor's own kernels with it too
+  timeout 100 python scripts/rows_probe.py 2>&1 | quiet | grep "^|\|^#\|Error" | tee $OUT/r/rows-probe-pdl.log
+  for run in "smollm2 1024 full,a2sf 256" "llama7b 1024 full,h2o 512"; do
+    set -- $run
+    QUICK_TIMEOUT=120 bash scripts/gpu_issue18.sh quick 0 $1 $2 $3 $4 $1-no-pdl --no-pdl
+    QUICK_TIMEOUT=120 bash scripts/gpu_issue18.sh quick 0 $1 $2 $3 $4 $1-pdl
+    QUICK_TIMEOUT=120 bash scripts/gpu_issue18.sh quick 0 $1 $2 $3 $4 $1-pdl-inductor --inductor triton.enable_pdl=True
+    tail -n 2 $OUT/$1-*.txt
+  done
+  timeout ${TESTS_TIMEOUT:-150} python -m pytest -q -x -m gpu tests/test_kernels.py tests/test_fast.py 2>&1 | tail -n 15 \
+    | tee $OUT/r/gpu-tests.log
   ;;
 probe)
   timeout ${PROBE_TIMEOUT:-200} python scripts/rows_probe.py --configs 2>&1 | quiet | grep "^|\|^#\|Error" | tee $OUT/r/rows-probe.log

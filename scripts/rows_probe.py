@@ -4,7 +4,8 @@ through enough copies that none is read from L2 (as the layers of a step). Print
 microseconds a call and the share of the copy bound (the weights' bytes at the measured copy
 bandwidth) for cuBLAS alone (F.linear), the unfused sequence as torch runs it (norm, F.linear, silu *
 up or + residual: what the compiled step had before, less inductor's fusion of the small ops), the
-kernel with row_config's launch and each launch config forced.
+kernel with row_config's launch, one call after another and with programmatic dependent launch
+(kernels.PDL: each call may start in the tail of the one before), and each launch config forced.
 
     python scripts/rows_probe.py [--models 7b,smollm2] [--configs]
 """
@@ -60,8 +61,9 @@ def main():
     copy_us = timed(lambda i: big[: 2**28].copy_(big[2**28:]), 1, 10)
     bw = 2 * 2**28 / copy_us / 1e6  # TB/s: read and write
     print(f"# copy bandwidth {bw:.2f} TB/s; one row; {torch.cuda.get_device_name()}")
-    print("| model | matrix | N x K | bound us | cuBLAS only | unfused torch | linear_rows (row_config) | best config |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | matrix | N x K | bound us | cuBLAS only | unfused torch | linear_rows (row_config) | with PDL |"
+          " best config |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for model in args.models.split(","):
         for shape in SHAPES[model]:
             print(probe(model, *shape, bw, args.configs), flush=True)
@@ -80,7 +82,10 @@ def probe(model, name, N, K, norm, glu, res, bw, configs):
     bound = nbytes / bw / 1e6
     cublas = timed(lambda i: torch.nn.functional.linear(x, ws[i]), copies)
     unfused = timed(lambda i: kernels.linear_rows_reference(x, ws[i], None, g, 1e-5, r, glu), copies)
+    kernels.PDL = False
     tuned = timed(lambda i: kernels.linear_rows(x, ws[i], None, g, 1e-5, r, glu), copies)
+    kernels.PDL = None  # on where the device has it: each call may start in the tail of the one before
+    chained = timed(lambda i: kernels.linear_rows(x, ws[i], None, g, 1e-5, r, glu), copies)
     pick = kernels.row_config(N, K, glu)
     best = ""
     if configs:
@@ -91,7 +96,8 @@ def probe(model, name, N, K, norm, glu, res, bw, configs):
     ref = kernels.linear_rows_reference(x, ws[0], None, g, 1e-5, r, glu).float()
     err = (kernels.linear_rows(x, ws[0], None, g, 1e-5, r, glu).float() - ref).abs().max().item()
     return (f"| {model} | {name} | {rowsN} x {K} | {bound:.1f} | {cublas:.1f} ({bound / cublas:.0%}) | "
-            f"{unfused:.1f} | {tuned:.1f} ({bound / tuned:.0%}) {pick} err {err:.2g} | {best} |")
+            f"{unfused:.1f} | {tuned:.1f} ({bound / tuned:.0%}) {pick} err {err:.2g} | {chained:.1f} ({bound / chained:.0%}) | "
+            f"{best} |")
 
 if __name__ == "__main__":
     main()

@@ -116,6 +116,38 @@ def test_linear_rows_equals_norm_matmul_and_epilogue(seed, N, K, norm, bias, res
         torch.testing.assert_close(scaled.float(), once.float(), rtol=1e-5 if DEVICE == "cpu" else 2e-2, atol=ATOL / 10)
 
 
+def test_kernels_under_torch_compile_launch_through_their_custom_ops():
+    """Under torch.compile the launches go through custom ops (kernels.launch_op: dynamo leaves them opaque,
+    so launch options such as programmatic dependent launch reach Triton): the compiled calls take the ops
+    and give the twins' results, the fake shapes matching the real ones (fullgraph: no break)."""
+    g = torch.Generator().manual_seed(5)
+    x, r = torch.randn(1, 1, 40, generator=g).to(DEVICE, DTYPE), torch.randn(1, 1, 24, generator=g).to(DEVICE, DTYPE)
+    w = (torch.randn(48, 40, generator=g) / 7).to(DEVICE, DTYPE)
+    gain = (torch.rand(40, generator=g) + 0.5).to(DEVICE, DTYPE)
+    q = torch.randn(1, 2, 3, 1, 16, generator=g).to(DEVICE, DTYPE)
+    k, v = (torch.randn(1, 2, 70, 16, generator=g).to(DEVICE, DTYPE) for _ in range(2))
+    mask = (torch.rand(1, 2, 1, 70, generator=g) < 0.6).to(DEVICE)
+    mask[..., 0] = True
+    traced = []
+
+    def backend(gm, inputs):  # what dynamo captured, then run as captured
+        traced.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    def step(x, r, q, k, v, mask):
+        return kernels.linear_rows(x, w, None, gain, 1e-5, r, glu=True), *kernels.decode_attention(q, k, v, mask)
+    torch._dynamo.reset()
+    rows, out, probs = torch.compile(step, backend=backend, fullgraph=True)(x, r, q, k, v, mask)
+    assert "kv_fast.linear_rows" in traced and "kv_fast.decode_attention" in traced
+    assert not any("triton" in t for t in traced)  # no kernel traced into: each launch is its op's
+    assert rows.shape == (1, 1, 24) and out.shape == (1, 2, 3, 1, 16) and probs.shape == (1, 2, 3, 1, 70)
+    torch.testing.assert_close(rows.float(), kernels.linear_rows_reference(x, w, None, gain, 1e-5, r, True).float(),
+                               rtol=1e-5 if DEVICE == "cpu" else 2e-2, atol=ATOL / 10)
+    ref_out, ref_probs = kernels.decode_attention_reference(q, k, v, mask)
+    torch.testing.assert_close(probs, ref_probs, rtol=0, atol=ATOL / 10)
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=0, atol=ATOL)
+
+
 @pytest.mark.parametrize("N,K,glu", [(12288, 4096, False), (4096, 4096, False), (11008, 4096, True),
                                      (4096, 11008, False), (32000, 4096, False), (960, 576, False), (576, 576, False),
                                      (1536, 576, True), (576, 1536, False), (49152, 576, False), (1, 1, False)])
