@@ -419,11 +419,13 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         ss = tl.zeros((BLOCK_K,), tl.float32)
-        w, w_up = _row_weights(W, offs_n, n_ok, 0, offs_k, N, K, GLU)
-        if PDL:
+        k_start = 0
+        if PDL:  # the first tile's weights, then the wait, then its products
+            w, w_up = _row_weights(W, offs_n, n_ok, 0, offs_k, N, K, GLU)
             tl.extra.cuda.gdc_wait()
-        acc, acc_up, ss = _row_products(X, NORM, w, w_up, 0, offs_k, K, acc, acc_up, ss, HAS_NORM, GLU)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
+            acc, acc_up, ss = _row_products(X, NORM, w, w_up, 0, offs_k, K, acc, acc_up, ss, HAS_NORM, GLU)
+            k_start = BLOCK_K
+        for k0 in range(k_start, K, BLOCK_K):
             w, w_up = _row_weights(W, offs_n, n_ok, k0, offs_k, N, K, GLU)
             acc, acc_up, ss = _row_products(X, NORM, w, w_up, k0, offs_k, K, acc, acc_up, ss, HAS_NORM, GLU)
         a = tl.sum(acc, 1)  # (BLOCK_N,)

@@ -22,6 +22,8 @@
 #   bash scripts/gpu_issue18.sh pdl         rows_probe.py (linear_rows with and without programmatic dependent launch),
 #                                           `quick` SmolLM2 and 7B rows with --no-pdl, as is, and with inductor's
 #                                           kernels under PDL too; then the GPU tests of test_kernels and test_fast
+#   bash scripts/gpu_issue18.sh pdl-ab [ARGS]  rows_probe.py, scripts/pdl_ab.py ARGS (the step without PDL, with it,
+#                                           with inductor's kernels too: one process, replayed in turns), GPU tests
 #   bash scripts/gpu_issue18.sh probe       scripts/rows_probe.py --configs: linear_rows against cuBLAS per matrix
 #   bash scripts/gpu_issue18.sh quick GPU MODEL CONTEXTS POLICIES BUDGETS TAG [FLAGS]  one bench.py grid (batch 1) on
 #                                           one GPU, $OUT/TAG.txt; e.g. quick 0 smollm2 1024 full,a2sf 256 base
@@ -104,6 +106,13 @@ pdl)  # programmatic dependent launch (kernels.PDL) off and on, and inductor's o
     tail -n 2 $OUT/$1-*.txt
   done
   timeout ${TESTS_TIMEOUT:-150} python -m pytest -q -x -m gpu tests/test_kernels.py tests/test_fast.py 2>&1 | tail -n 15 \
+    | tee $OUT/r/gpu-tests.log
+  ;;
+pdl-ab)  # scripts/pdl_ab.py: the step without PDL, with it, and with inductor's kernels too, in one process
+  timeout 100 python scripts/rows_probe.py 2>&1 | quiet | grep "^|\|^#\|Error" | tee $OUT/r/rows-probe-pdl.log
+  timeout ${AB_TIMEOUT:-300} python scripts/pdl_ab.py "${@:2}" 2>&1 | quiet | grep "^|\|^#\|Error\|error" \
+    | tee $OUT/r/pdl-ab.log
+  timeout ${TESTS_TIMEOUT:-150} python -m pytest -q -x -m gpu tests/test_kernels.py tests/test_fast.py 2>&1 | tail -n 4 \
     | tee $OUT/r/gpu-tests.log
   ;;
 probe)

@@ -1,0 +1,85 @@
+"""The decode step with programmatic dependent launch (fast.kernels.PDL) off and on, and with inductor's own
+kernels launched that way too (torch._inductor.config.triton.enable_pdl), timed side by side in one
+process: each variant's step compiled and captured on its own cache (the same prompt), then their
+CUDA graphs replayed in turns, so a machine that is slower for a while slows every variant alike.
+Prints ms a step (the median of the turns) and each variant's speed against the first.
+
+    python scripts/pdl_ab.py [--models smollm2,llama7b] [--context 1024] [--steps 100] [--turns 7]
+"""
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench  # noqa: E402
+import fast  # noqa: E402
+import generate  # noqa: E402
+import policies  # noqa: E402
+
+VARIANTS = {"launched one by one": (False, False), "PDL (ours)": (None, False), "PDL (ours and inductor's)": (None, True)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="smollm2,llama7b")
+    ap.add_argument("--policies", default="full,a2sf")
+    ap.add_argument("--budget", type=int, default=256)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--turns", type=int, default=7)
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, batch 1, {args.context} tokens of prompt")
+    print("| model | policy | " + " | ".join(f"{v} ms/step" for v in VARIANTS) + " | " +
+          " | ".join(f"{v} speed-up" for v in list(VARIANTS)[1:]) + " |")
+    print("|" + " --- |" * (2 + 2 * len(VARIANTS) - 1))
+    for name in args.models.split(","):
+        m, _ = bench.build_model(name, device, torch.bfloat16, weights="random")
+        for policy_name in args.policies.split(","):
+            print(row(m, name, policy_name, args), flush=True)
+        m = None
+        torch.cuda.empty_cache()
+
+
+def row(m, name, policy_name, args):
+    budget = None if policy_name == "full" else args.budget
+    p = policies.make_policy(policy_name, budget)
+    tokens = torch.randint(0, m.cfg.vocab_size, (1, args.context), device="cuda",
+                           generator=torch.Generator(device="cuda").manual_seed(0))
+    steps = {}
+    with torch.no_grad():
+        for variant, (pdl, inductor_pdl) in VARIANTS.items():
+            torch._dynamo.reset()
+            fast.kernels.PDL = pdl
+            torch._inductor.config.triton.enable_pdl = inductor_pdl
+            cache = fast.KVCache(m.cfg, p, budget, batch=1, device="cuda", dtype=m.dtype,
+                                 max_len=args.context + args.steps * (args.turns + 1) + 16)
+            nxt = generate.feed(m, tokens, cache, last_only=True)[:, -1].argmax(-1)[:, None]
+            step = fast.compile_decode(m, cache, dynamic=False)
+            for _ in range(4):  # compile, then capture (PDL is read at the capture: the launches are recorded)
+                nxt = step(nxt.clone())[:, -1].argmax(-1)[:, None]
+            steps[variant] = (step, nxt)
+        fast.kernels.PDL, torch._inductor.config.triton.enable_pdl = None, False
+        ms = {v: [] for v in VARIANTS}
+        for _ in range(args.turns):
+            for variant, (step, nxt) in steps.items():
+                torch.cuda.synchronize()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(args.steps):
+                    nxt = step(nxt)[:, -1:].argmax(-1)
+                b.record()
+                torch.cuda.synchronize()
+                ms[variant].append(a.elapsed_time(b) / args.steps)
+    med = {v: statistics.median(t) for v, t in ms.items()}
+    first = med[next(iter(VARIANTS))]
+    return (f"| {name} | {policy_name} | " + " | ".join(f"{t:.3f}" for t in med.values()) + " | " +
+            " | ".join(f"{first / med[v]:.3f}x" for v in list(VARIANTS)[1:]) + " |")
+
+
+if __name__ == "__main__":
+    main()
