@@ -14,6 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from fast import kernels
+
+# Where fast.kernels launches with programmatic dependent launch (kernels.PDL), inductor's kernels in the
+# compiled step launch that way too, so that each kernel of the step may start in the tail of the one before
+# (SmolLM2's step is bound by its launches: scripts/pdl_ab.py times the step with neither, with only
+# fast.kernels', and with both). False: only fast.kernels'.
+INDUCTOR_PDL = True
+
 
 def compile_decode(model, cache, backend: str | None = None, warmup: int = 2, dynamic: bool | None = None):
     """The decode step, score update and eviction included, with each transformer block compiled
@@ -30,7 +38,10 @@ def compile_decode(model, cache, backend: str | None = None, warmup: int = 2, dy
     # every policy family and cache shape is one more compiled entry of Block.forward (evaluate.py
     # runs dozens in one process); past the default limit of 8, dynamo would fall back to eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-    block_fn = torch.compile(type(model.layers[0]).forward, backend=backend, fullgraph=True, dynamic=dynamic)
+    options = ({"triton.enable_pdl": True} if INDUCTOR_PDL and backend == "inductor" and kernels.pdl(cache.device)
+               and hasattr(torch._inductor.config, "triton.enable_pdl") else None)
+    block_fn = torch.compile(type(model.layers[0]).forward, backend=backend, fullgraph=True, dynamic=dynamic,
+                             options=options)
     step = lambda tokens: model(tokens, cache, block_fn=block_fn)  # noqa: E731
     return CudaGraphStep(step, warmup) if cache.device.type == "cuda" else step
 

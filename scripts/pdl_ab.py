@@ -1,5 +1,5 @@
 """The decode step with programmatic dependent launch (fast.kernels.PDL) off and on, and with inductor's own
-kernels launched that way too (torch._inductor.config.triton.enable_pdl), timed side by side in one
+kernels launched that way too (fast.step.INDUCTOR_PDL), timed side by side in one
 process: each variant's step compiled and captured on its own cache (the same prompt), then their
 CUDA graphs replayed in turns, so a machine that is slower for a while slows every variant alike.
 Prints ms a step (the median of the turns) and each variant's speed against the first.
@@ -54,8 +54,7 @@ def row(m, name, policy_name, args):
     with torch.no_grad():
         for variant, (pdl, inductor_pdl) in VARIANTS.items():
             torch._dynamo.reset()
-            fast.kernels.PDL = pdl
-            torch._inductor.config.triton.enable_pdl = inductor_pdl
+            fast.kernels.PDL, fast.step.INDUCTOR_PDL = pdl, inductor_pdl
             cache = fast.KVCache(m.cfg, p, budget, batch=1, device="cuda", dtype=m.dtype,
                                  max_len=args.context + args.steps * (args.turns + 1) + 16)
             nxt = generate.feed(m, tokens, cache, last_only=True)[:, -1].argmax(-1)[:, None]
@@ -63,7 +62,7 @@ def row(m, name, policy_name, args):
             for _ in range(4):  # compile, then capture (PDL is read at the capture: the launches are recorded)
                 nxt = step(nxt.clone())[:, -1].argmax(-1)[:, None]
             steps[variant] = (step, nxt)
-        fast.kernels.PDL, torch._inductor.config.triton.enable_pdl = None, False
+        fast.kernels.PDL, fast.step.INDUCTOR_PDL = None, True
         ms = {v: [] for v in VARIANTS}
         for _ in range(args.turns):
             for variant, (step, nxt) in steps.items():
