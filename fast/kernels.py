@@ -57,8 +57,8 @@ def available(x: torch.Tensor) -> bool:
 # finish, its writes visible (gdc_wait), before it reads or writes anything that kernel may touch, then
 # lets the next one start (gdc_launch_dependents): so a kernel that starts has every kernel before the one
 # before it finished, what inductor's PDL kernels (fast.step) assume too. What comes before the wait
-# overlaps the previous kernel's tail: a program's start, and in linear_rows the first tile of weights
-# (nothing writes them). None: on where the device has it; False: never (bench.py --no-pdl). Under
+# overlaps the previous kernel's tail: a program's start, and in linear_rows without SwiGLU the first tile
+# of weights (nothing writes them). None: on where the device has it; False: never (bench.py --no-pdl). Under
 # torch.compile the launches go through custom ops (launch_op), which dynamo leaves opaque, as it must
 # for the launch attribute to reach Triton's launcher.
 PDL: bool | None = None
