@@ -24,6 +24,8 @@
 #                                           kernels under PDL too; then the GPU tests of test_kernels and test_fast
 #   bash scripts/gpu_issue18.sh pdl-ab [ARGS]  rows_probe.py, scripts/pdl_ab.py ARGS (the step without PDL, with it,
 #                                           with inductor's kernels too: one process, replayed in turns), GPU tests
+#   bash scripts/gpu_issue18.sh prefill-profile  SmolLM2's fused prefill (full, 1k, 8 sequences), old/ beside this
+#                                           checkout: ms a prefill, the top CUDA kernels and CPU ops of one
 #   bash scripts/gpu_issue18.sh probe       scripts/rows_probe.py --configs: linear_rows against cuBLAS per matrix
 #   bash scripts/gpu_issue18.sh quick GPU MODEL CONTEXTS POLICIES BUDGETS TAG [FLAGS]  one bench.py grid (batch 1) on
 #                                           one GPU, $OUT/TAG.txt; e.g. quick 0 smollm2 1024 full,a2sf 256 base
@@ -114,6 +116,35 @@ pdl-ab)  # scripts/pdl_ab.py: the step without PDL, with it, and with inductor's
     | tee $OUT/r/pdl-ab.log
   timeout ${TESTS_TIMEOUT:-150} python -m pytest -q -x -m gpu tests/test_kernels.py tests/test_fast.py 2>&1 | tail -n 4 \
     | tee $OUT/r/gpu-tests.log
+  ;;
+prefill-profile)  # SmolLM2's fused prefill, full, 1k, 8 sequences: the landed main (old/) beside this checkout,
+  # each call's CUDA kernels and CPU ops (session 6 found it at 0.51x the landed main's speed)
+  for dir in old .; do
+    (cd $dir && timeout 150 python - <<'PY' 2>&1 | grep -v "Warn\|warn" | tee -a $OUT/r/prefill-profile.log
+import sys, time, torch
+sys.path.insert(0, ".")
+import bench, generate, policies
+m, _ = bench.build_model("smollm2", torch.device("cuda"), torch.bfloat16, weights="random")
+cache_mod = __import__("fast").KVCache if hasattr(bench, "fast") else __import__("cache").KVCache
+tokens = torch.randint(0, m.cfg.vocab_size, (8, 1024), device="cuda")
+p = policies.make_policy("full", None)
+make = lambda: cache_mod(m.cfg, p, None, batch=8, mode="prefill", chunk=1, device="cuda", dtype=m.dtype, max_len=1100)
+with torch.no_grad():
+    for _ in range(3):
+        generate.feed(m, tokens, make(), last_only=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    generate.feed(m, tokens, make(), last_only=True)
+    torch.cuda.synchronize()
+    print(f"# {sys.argv[0]} in {__import__('os').getcwd()}: {(time.perf_counter() - t0) * 1000:.1f} ms a prefill")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        generate.feed(m, tokens, make(), last_only=True)
+        torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
+PY
+    )
+  done
   ;;
 probe)
   timeout ${PROBE_TIMEOUT:-200} python scripts/rows_probe.py --configs 2>&1 | quiet | grep "^|\|^#\|Error" | tee $OUT/r/rows-probe.log
