@@ -405,12 +405,15 @@ def main(argv=None):
                     " norms and adds apart (fast.model.ROWS off), to time beside the fused kernels.linear_rows")
     ap.add_argument("--no-pdl", action="store_true", help="the decode step's kernels launched one after another, not"
                     " with programmatic dependent launch (fast.kernels.PDL off), to time beside it")
+    ap.add_argument("--no-append", action="store_true", help="the decode step's rotary, cache write and mask as torch ops"
+                    " (fast.model.APPEND off), to time beside the one kernel (kernels.append_step)")
     args = ap.parse_args(argv)
     if args.evict_chunk is not None and args.evict_chunk < 1:
         ap.error("--evict-chunk takes a positive number of slots, e.g. 512")
     fast.cache.EVICT_CHUNK = args.evict_chunk
     fast.model.ROWS = not args.no_rows
     fast.kernels.PDL = False if args.no_pdl else None
+    fast.model.APPEND = not args.no_append
     for setting in filter(None, args.inductor.split(",")):
         key, _, value = setting.partition("=")
         if not hasattr(torch._inductor.config, key) or not value:

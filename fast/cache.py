@@ -16,6 +16,7 @@ import torch
 
 import cache as reference
 import policies
+from fast import kernels
 from policies import Tokens
 
 # Slots a program of the one-victim eviction reduces, or None: one program per (sequence, KV head)
@@ -73,6 +74,15 @@ class LayerCache(reference.LayerCache):
         if call.q_pos.shape[1] == 1:  # one new token: at most one victim per head
             return evict_one(prio, self.pos, self.valid, self.owner.budgets)
         return super().select(prio, call)
+
+    def append(self, q, k, v, positions, angles, window: int = 0):
+        """The decode step's twin of rotary, update and Call.mask (model.Attention.forward_heads) for
+        keys stored rotated, in one kernel (kernels.append_step). q (B, Hkv, G, 1, D), k, v (B, Hkv,
+        1, D) as projected; positions (B, 1); angles their rotary (cos, sin).
+        -> q rotated, the call (as update's) and its mask (B, Hkv, 1, S)."""
+        slots = self.make_room(k.shape[0], positions)  # (B, Hkv, 1)
+        q, mask = kernels.append_step(q, k, v, angles, slots, positions, self.k, self.v, self.pos, self.valid, window)
+        return q, self.new_call(k, v, positions, slots), mask  # (token_state reads the values only: k unrotated is fine)
 
     def write_prompt(self, k, v, pos, keep, state, idx) -> None:
         """A first call's tokens, ranked (rank_prompt), written into slots 0.. in text order, as the

@@ -249,6 +249,132 @@ def decode_attention_reference(q, k, v, mask):
     return out, probs
 
 
+# -- decode: the new token's rotary, its write into the cache and the step's mask, in one kernel -----
+
+if triton is not None:
+
+    @triton.jit
+    def _append_kernel(Q, K_NEW, V_NEW, COS, SIN, SLOTS, QPOS, K, V, POS, VALID, MASK, Q_OUT,
+                       S, Hkv, window, sq_b, sq_h, sq_g, sk_b, sk_h, sv_b, sv_h, sc_b, ss_b, ss_h,
+                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                       PDL: tl.constexpr):
+        """One row of programs: one KV head of one sequence. Q (B, Hkv, G, D), K_NEW, V_NEW (B, Hkv, D) by their
+        strides; COS, SIN (B, D) fp32; SLOTS (B, Hkv) by strides, QPOS (B,): the new token's slot and
+        position. Writes the token in: K[slot] = rotary(k), V[slot] = v, POS[slot] = position,
+        VALID[slot] = position >= 0 (K, V (B*Hkv, S, D), POS, VALID (B*Hkv, S)); the rotated queries
+        into Q_OUT (B*Hkv, G, D); and the row's mask into MASK (B*Hkv, S): (valid & pos <= position
+        [& pos > position - window]) | own slot, cache.Call.mask, BLOCK_S slots a program. The mask may
+        read POS and VALID at the own slot before or after the write: either way the slot is on (its own)."""
+        if PDL:  # q, k, v come from the kernel before; the cache from earlier ones
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        bkv = tl.program_id(0).to(tl.int64)
+        b = bkv // Hkv
+        h = bkv % Hkv
+        p = tl.load(QPOS + b)
+        slot = tl.load(SLOTS + b * ss_b + h * ss_h)
+        if tl.program_id(1) == 0:  # the first program of the row writes the token in and rotates the queries
+            offs_d = tl.arange(0, D)
+            partner = (offs_d + D // 2) % D  # rotate_half(x) = (-x2, x1): element i takes i + D/2 (mod D), signed
+            sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+            cos = tl.load(COS + b * sc_b + offs_d)
+            sin = tl.load(SIN + b * sc_b + offs_d)
+            k_new = K_NEW + b * sk_b + h * sk_h
+            k = tl.load(k_new + offs_d).to(tl.float32) * cos + (tl.load(k_new + partner).to(tl.float32) * sign) * sin
+            tl.store(K + (bkv * S + slot) * D + offs_d, k.to(K.dtype.element_ty))
+            tl.store(V + (bkv * S + slot) * D + offs_d, tl.load(V_NEW + b * sv_b + h * sv_h + offs_d))
+            tl.store(POS + bkv * S + slot, p)
+            tl.store(VALID + bkv * S + slot, (p >= 0).to(tl.uint8))
+            offs_g = tl.arange(0, G_PAD)
+            g_ok = (offs_g < G)[:, None]
+            q_in = Q + b * sq_b + h * sq_h + offs_g[:, None] * sq_g
+            q = tl.load(q_in + offs_d[None, :], mask=g_ok, other=0.0).to(tl.float32) * cos[None, :]
+            q += (tl.load(q_in + partner[None, :], mask=g_ok, other=0.0).to(tl.float32) * sign[None, :]) * sin[None, :]
+            tl.store(Q_OUT + (bkv * G + offs_g[:, None]) * D + offs_d[None, :], q.to(Q_OUT.dtype.element_ty), mask=g_ok)
+        offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)  # each program: BLOCK_S slots of the mask
+        s_ok = offs_s < S
+        pos = tl.load(POS + bkv * S + offs_s, mask=s_ok, other=0)
+        see = (tl.load(VALID + bkv * S + offs_s, mask=s_ok, other=0) != 0) & (pos <= p)
+        if window > 0:
+            see = see & (pos > p - window)
+        see = see | (offs_s == slot)
+        tl.store(MASK + bkv * S + offs_s, see.to(tl.uint8), mask=s_ok)
+
+
+def append_step(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window: int = 0,
+                block_s: int | None = None):
+    """A decode step's new token (one per sequence) into a layer's cache, and what its attention needs,
+    in one kernel: what model.Attention.forward_heads and cache.LayerCache.update do between the
+    projection and the attention, for keys stored rotated (original positions):
+
+        q, k = rope(q), rope(k);  K[slot], V[slot], pos[slot], valid[slot] = k, v, position, position >= 0
+        mask = (valid & pos <= position [& pos > position - window]) | (slot == own slot)   (cache.Call.mask)
+
+    q (B, Hkv, G, 1, D), k, v (B, Hkv, 1, D) (any strides: views of the projection); angles (cos, sin)
+    (B, 1, 1, D) fp32 (model.rotary_angles); slots (B, Hkv, 1) (any strides); positions (B, 1). The
+    cache's k, v (B, Hkv, S, D), pos, valid (B, Hkv, S) are written in place. -> q rotated (B, Hkv, G,
+    1, D) and the mask (B, Hkv, 1, S) bool. Rotary as model.apply_rotary: fp32, rounded once. block_s:
+    mask slots a program (a power of 2; default up to 1,024). The twin: append_step_reference."""
+    B, Hkv, G, T, D = q.shape
+    assert T == 1, "append_step takes one new token per sequence"
+    cos, sin = angles
+    q_out, mask = launch_op(torch.ops.kv_fast.append_step, _append_launch)(
+        q[:, :, :, 0], k[:, :, 0], v[:, :, 0], cos.reshape(B, D), sin.reshape(B, D), slots[..., 0], positions.reshape(B),
+        cache_k, cache_v, cache_pos, cache_valid, window, block_s or min(1024, triton.next_power_of_2(cache_k.shape[2])))
+    return q_out.view(B, Hkv, G, 1, D), mask.view(B, Hkv, 1, -1)
+
+
+def _append_launch(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window: int,
+                   block_s: int):
+    """append_step's launch: q (B, Hkv, G, D), k, v (B, Hkv, D), cos, sin (B, D), slots (B, Hkv),
+    positions (B,) -> q rotated (B*Hkv, G, D), mask (B*Hkv, S) bool."""
+    B, Hkv, G, D = q.shape
+    S = cache_k.shape[2]
+    assert cache_k.is_contiguous() and cache_v.is_contiguous() and cache_pos.is_contiguous() and cache_valid.is_contiguous()
+    q_out = torch.empty(B * Hkv, G, D, device=q.device, dtype=q.dtype)
+    mask = torch.empty(B * Hkv, S, device=q.device, dtype=torch.bool)
+    _append_kernel[(B * Hkv, triton.cdiv(S, block_s))](
+        q, k, v, cos.contiguous(), sin.contiguous(), slots, positions.contiguous(), cache_k, cache_v, cache_pos,
+        cache_valid.view(torch.uint8), mask.view(torch.uint8), q_out, S, Hkv, window, q.stride(0), q.stride(1),
+        q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1), D, slots.stride(0), slots.stride(1),
+        G=G, G_PAD=triton.next_power_of_2(G), D=D, BLOCK_S=block_s, PDL=pdl(q.device),
+        num_warps=4, **launch_options(q))
+    return q_out, mask
+
+
+if triton is not None:
+    @torch.library.custom_op("kv_fast::append_step", mutates_args=("cache_k", "cache_v", "cache_pos", "cache_valid"),
+                             schema="(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor slots,"
+                                    " Tensor positions, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor(c!) cache_pos,"
+                                    " Tensor(d!) cache_valid, int window, int block_s) -> (Tensor, Tensor)")
+    def _append_op(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window, block_s):
+        return _append_launch(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window,
+                              block_s)
+
+    @_append_op.register_fake
+    def _(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window, block_s):
+        B, Hkv, G, D = q.shape
+        return q.new_empty(B * Hkv, G, D), q.new_empty(B * Hkv, cache_k.shape[2], dtype=torch.bool)
+
+
+def append_step_reference(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window: int = 0):
+    """The slow twin of append_step: model.apply_rotary, the index_put writes of
+    cache.LayerCache.update and cache.Call.mask, as the reference path runs them."""
+    from cache import Call  # the reference's own (this module imports neither otherwise)
+    from model import apply_rotary
+
+    B, Hkv, G, _, D = q.shape
+    cos, sin = angles
+    q, k = apply_rotary(q, cos[:, :, None], sin[:, :, None]), apply_rotary(k, cos, sin)
+    at = (torch.arange(B, device=q.device)[:, None, None], torch.arange(Hkv, device=q.device)[None, :, None], slots)
+    pos = positions[:, None, :].expand(B, Hkv, 1)
+    cache_k.index_put_(at, k)
+    cache_v.index_put_(at, v)
+    cache_pos.index_put_(at, pos)
+    cache_valid.index_put_(at, pos >= 0)
+    call = Call(cache_k, cache_v, cache_pos, pos, positions, slots, cache_pos, cache_valid, window)
+    return q, call.mask(0, 1)
+
 # -- prefill: column sums of a causal attention ------------------------------------------------
 
 if triton is not None:

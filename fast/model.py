@@ -27,6 +27,7 @@ import model as reference
 import policies
 from fast import kernels
 from fast.cache import KVCache as FastKVCache
+from fast.cache import LayerCache as FastLayerCache
 from fast.cache import Prompt, rank_prompt
 
 BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")  # torch.bmm(a, b, out_dtype=...): torch >= 2.8, CUDA kernels only
@@ -71,6 +72,19 @@ def fuse_linears(owner: nn.Module, name: str, *linears: nn.Linear) -> None:
         row += n
 
 
+# The decode step's rotary, cache write and mask as one kernel (kernels.append_step) where it applies
+# (append_applies); False: never (bench.py --no-append, to time the two side by side).
+APPEND = True
+
+
+def append_applies(q, angles, layer_cache) -> bool:
+    """Whether a call's new token enters the cache through kernels.append_step: one row per sequence
+    (T = 1), the kernels apply to q (CUDA, half precision), rotary positions (not OPT's learned ones),
+    and a fast.KVCache layer that stores keys rotated (original positions; slot positions rotate at read)."""
+    return (APPEND and q.shape[3] == 1 and angles is not None and kernels.available(q)
+            and isinstance(layer_cache, FastLayerCache) and not layer_cache.rotate_on_read)
+
+
 class Attention(reference.Attention):
     def project(self, x):
         cfg = self.cfg
@@ -86,6 +100,17 @@ class Attention(reference.Attention):
         scores = half_scores(q.reshape(B, Hkv, G * T, D), k) / math.sqrt(D)  # (B, Hkv, G*T, S) fp32
         probs = scores.view(B, Hkv, G, T, -1).masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=-1)
         return (probs.to(v.dtype).flatten(2, 3) @ v).view(B, Hkv, G, T, D), probs
+
+    def forward_heads(self, q, k, v, positions, angles, layer_cache=None):
+        """model.Attention.forward_heads; in a decode step (append_applies) the new token's rotary,
+        its write into the cache and the mask in one kernel (fast.cache.LayerCache.append)."""
+        if not append_applies(q, angles, layer_cache):
+            return super().forward_heads(q, k, v, positions, angles, layer_cache)
+        q, call, mask = layer_cache.append(q, k, v, positions, angles, self.cfg.window)
+        out, probs = self.attend(q, call.keys, call.values, mask, layer_cache.needs_probs)
+        layer_cache.observe(call, probs, mask, 0, 1)
+        layer_cache.evict(call)
+        return out
 
     def prompt(self, x, positions, angles, layer_cache, weights, first=None) -> tuple[torch.Tensor, Prompt]:
         """The twin of forward for a first call into an empty cache: row i sees tokens 0..i, so the

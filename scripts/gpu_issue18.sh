@@ -24,6 +24,9 @@
 #                                           kernels under PDL too; then the GPU tests of test_kernels and test_fast
 #   bash scripts/gpu_issue18.sh pdl-ab [ARGS]  rows_probe.py, scripts/pdl_ab.py ARGS (the step without PDL, with it,
 #                                           with inductor's kernels too: one process, replayed in turns), GPU tests
+#   bash scripts/gpu_issue18.sh append      scripts/pdl_ab.py --ab append (the new token's rotary, cache write and
+#                                           mask as inductor's kernels, then as kernels.append_step), SmolLM2 and the
+#                                           7B; a profiled SmolLM2 row; the GPU tests of test_kernels and test_fast
 #   bash scripts/gpu_issue18.sh prefill-profile  SmolLM2's fused prefill (full, 1k, 8 sequences), old/ beside this
 #                                           checkout: ms a prefill, the top CUDA kernels and CPU ops of one
 #   bash scripts/gpu_issue18.sh probe       scripts/rows_probe.py --configs: linear_rows against cuBLAS per matrix
@@ -115,6 +118,16 @@ pdl-ab)  # scripts/pdl_ab.py: the step without PDL, with it, and with inductor's
   timeout ${AB_TIMEOUT:-300} python scripts/pdl_ab.py "${@:2}" 2>&1 | quiet | grep "^|\|^#\|Error\|error" \
     | tee $OUT/r/pdl-ab.log
   timeout ${TESTS_TIMEOUT:-150} python -m pytest -q -x -m gpu tests/test_kernels.py tests/test_fast.py 2>&1 | tail -n 4 \
+    | tee $OUT/r/gpu-tests.log
+  ;;
+append)  # the new token's rotary, cache write and mask: inductor's kernels, then one (kernels.append_step)
+  timeout 200 python scripts/pdl_ab.py --ab append --models smollm2 --policies full,a2sf,h2o 2>&1 | quiet \
+    | grep "^|\|^#\|Error\|error" | tee $OUT/r/append-ab.log
+  timeout 150 python scripts/pdl_ab.py --ab append --models llama7b --policies full --turns 5 2>&1 | quiet \
+    | grep "^|\|^#\|Error\|error" | grep -v "^# NVIDIA" | tee -a $OUT/r/append-ab.log
+  timeout 100 python bench.py --models smollm2 --contexts 1024 --long "" --batches 1 --policies full --no-hf \
+    --weights random --profile --out $OUT/r/smollm2-profile.json 2>&1 | quiet > $OUT/r/smollm2-profile.log
+  timeout ${TESTS_TIMEOUT:-200} python -m pytest -x -m gpu tests/test_kernels.py tests/test_fast.py 2>&1 | tail -n 4 \
     | tee $OUT/r/gpu-tests.log
   ;;
 prefill-profile)  # SmolLM2's fused prefill, full, 1k, 8 sequences: the landed main (old/) beside this checkout,

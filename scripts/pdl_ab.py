@@ -1,10 +1,13 @@
-"""The decode step with programmatic dependent launch (fast.kernels.PDL) off and on, and with inductor's own
-kernels launched that way too (fast.step.INDUCTOR_PDL), timed side by side in one
-process: each variant's step compiled and captured on its own cache (the same prompt), then their
-CUDA graphs replayed in turns, so a machine that is slower for a while slows every variant alike.
-Prints ms a step (the median of the turns) and each variant's speed against the first.
+"""The decode step under settings of the fast module, timed side by side in one process: each variant's step
+compiled and captured on its own cache (the same prompt), then their CUDA graphs replayed in turns, so a
+machine that is slower for a while slows every variant alike. Prints ms a step (the median of the turns)
+and each variant's speed against the first. The variants (--ab):
 
-    python scripts/pdl_ab.py [--models smollm2,llama7b] [--context 1024] [--steps 100] [--turns 7]
+    pdl     programmatic dependent launch (fast.kernels.PDL) off, on, and inductor's kernels too (fast.step.INDUCTOR_PDL)
+    append  the new token's rotary, cache write and mask as inductor's kernels (fast.model.APPEND off), then
+            as one kernel (kernels.append_step)
+
+    python scripts/pdl_ab.py [--ab pdl] [--models smollm2,llama7b] [--context 1024] [--steps 100] [--turns 7]
 """
 
 import argparse
@@ -20,11 +23,16 @@ import fast  # noqa: E402
 import generate  # noqa: E402
 import policies  # noqa: E402
 
-VARIANTS = {"launched one by one": (False, False), "PDL (ours)": (None, False), "PDL (ours and inductor's)": (None, True)}
+# variant: {(module, setting): value}; the settings go back to the defaults after the captures
+AB = {"pdl": {"launched one by one": {(fast.kernels, "PDL"): False, (fast.step, "INDUCTOR_PDL"): False},
+              "PDL (ours)": {(fast.kernels, "PDL"): None, (fast.step, "INDUCTOR_PDL"): False},
+              "PDL (ours and inductor's)": {(fast.kernels, "PDL"): None, (fast.step, "INDUCTOR_PDL"): True}},
+      "append": {"append apart": {(fast.model, "APPEND"): False}, "append kernel": {(fast.model, "APPEND"): True}}}
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--ab", default="pdl", choices=sorted(AB))
     ap.add_argument("--models", default="smollm2,llama7b")
     ap.add_argument("--policies", default="full,a2sf")
     ap.add_argument("--budget", type=int, default=256)
@@ -34,27 +42,29 @@ def main():
     args = ap.parse_args()
     device = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, batch 1, {args.context} tokens of prompt")
-    print("| model | policy | " + " | ".join(f"{v} ms/step" for v in VARIANTS) + " | " +
-          " | ".join(f"{v} speed-up" for v in list(VARIANTS)[1:]) + " |")
-    print("|" + " --- |" * (2 + 2 * len(VARIANTS) - 1))
+    variants = AB[args.ab]
+    print("| model | policy | " + " | ".join(f"{v} ms/step" for v in variants) + " | " +
+          " | ".join(f"{v} speed-up" for v in list(variants)[1:]) + " |")
+    print("|" + " --- |" * (2 + 2 * len(variants) - 1))
     for name in args.models.split(","):
         m, _ = bench.build_model(name, device, torch.bfloat16, weights="random")
         for policy_name in args.policies.split(","):
-            print(row(m, name, policy_name, args), flush=True)
+            print(row(m, name, policy_name, variants, args), flush=True)
         m = None
         torch.cuda.empty_cache()
 
 
-def row(m, name, policy_name, args):
+def row(m, name, policy_name, variants, args):
     budget = None if policy_name == "full" else args.budget
     p = policies.make_policy(policy_name, budget)
     tokens = torch.randint(0, m.cfg.vocab_size, (1, args.context), device="cuda",
                            generator=torch.Generator(device="cuda").manual_seed(0))
     steps = {}
     with torch.no_grad():
-        for variant, (pdl, inductor_pdl) in VARIANTS.items():
+        for variant, settings in variants.items():
             torch._dynamo.reset()
-            fast.kernels.PDL, fast.step.INDUCTOR_PDL = pdl, inductor_pdl
+            for (module, name), value in settings.items():
+                setattr(module, name, value)
             cache = fast.KVCache(m.cfg, p, budget, batch=1, device="cuda", dtype=m.dtype,
                                  max_len=args.context + args.steps * (args.turns + 1) + 16)
             nxt = generate.feed(m, tokens, cache, last_only=True)[:, -1].argmax(-1)[:, None]
@@ -62,8 +72,8 @@ def row(m, name, policy_name, args):
             for _ in range(4):  # compile, then capture (PDL is read at the capture: the launches are recorded)
                 nxt = step(nxt.clone())[:, -1].argmax(-1)[:, None]
             steps[variant] = (step, nxt)
-        fast.kernels.PDL, fast.step.INDUCTOR_PDL = None, True
-        ms = {v: [] for v in VARIANTS}
+        fast.kernels.PDL, fast.step.INDUCTOR_PDL, fast.model.APPEND = None, True, True  # the defaults
+        ms = {v: [] for v in variants}
         for _ in range(args.turns):
             for variant, (step, nxt) in steps.items():
                 torch.cuda.synchronize()
@@ -75,9 +85,9 @@ def row(m, name, policy_name, args):
                 torch.cuda.synchronize()
                 ms[variant].append(a.elapsed_time(b) / args.steps)
     med = {v: statistics.median(t) for v, t in ms.items()}
-    first = med[next(iter(VARIANTS))]
+    first = med[next(iter(variants))]
     return (f"| {name} | {policy_name} | " + " | ".join(f"{t:.3f}" for t in med.values()) + " | " +
-            " | ".join(f"{first / med[v]:.3f}x" for v in list(VARIANTS)[1:]) + " |")
+            " | ".join(f"{first / med[v]:.3f}x" for v in list(variants)[1:]) + " |")
 
 
 if __name__ == "__main__":

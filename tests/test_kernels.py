@@ -50,6 +50,60 @@ def test_decode_attention_equals_the_explicit_softmax(seed, B, Hkv, G, S, D, kee
     assert none is None and torch.equal(out_only, out)
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4]),
+       S=st.integers(1, 300), D=st.sampled_from([16, 32, 64]), window=st.sampled_from([0, 1, 7, 100]),
+       full=st.booleans(), block_s=st.sampled_from([None, 16, 128]))
+def test_append_step_equals_rotary_the_cache_write_and_the_mask(seed, B, Hkv, G, S, D, window, full, block_s):
+    """The decode step's new token through kernels.append_step against the reference written out here:
+    model.apply_rotary on q and k, element by element writes into the slots, and cache.Call.mask's
+    closed form (held, at or before the row's position, inside the window; the own slot always). q, k,
+    v are views into one projected row (as model.Attention.heads makes them); the slot is each head's
+    own (evicting policies) or the position itself broadcast over heads (`full`); the position may be
+    older than held keys (so the mask drops them) or negative (left padding: stored, not held); the mask
+    in one program a row or in blocks of slots (block_s)."""
+    import model
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, 1, (Hkv * G + 2 * Hkv) * D, generator=g).to(DEVICE, DTYPE)
+    q = qkv[..., :Hkv * G * D].view(B, 1, Hkv, G, D).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, 1, D), strided
+    k = qkv[..., Hkv * G * D:(Hkv * G + Hkv) * D].view(B, 1, Hkv, D).transpose(1, 2)  # (B, Hkv, 1, D)
+    v = qkv[..., (Hkv * G + Hkv) * D:].view(B, 1, Hkv, D).transpose(1, 2)
+    positions = torch.randint(-2, 2 * S, (B, 1), generator=g).to(DEVICE)
+    if full:
+        positions = torch.randint(0, S, (B, 1), generator=g).to(DEVICE)
+        slots = positions[:, None, :].expand(B, Hkv, 1)
+    else:
+        slots = torch.randint(0, S, (B, Hkv, 1), generator=g).to(DEVICE)
+    angles = model.rotary_angles(positions, model.Config(dim=D, n_heads=1, n_kv_heads=1, rope_theta=500.0))
+    cache_k, cache_v = (torch.randn(B, Hkv, S, D, generator=g).to(DEVICE, DTYPE) for _ in range(2))
+    cache_pos = torch.randint(-1, 2 * S, (B, Hkv, S), generator=g).to(DEVICE)
+    cache_valid = (torch.rand(B, Hkv, S, generator=g) < 0.7).to(DEVICE)
+    want = [t.clone() for t in (cache_k, cache_v, cache_pos, cache_valid)]
+    twin = [t.clone() for t in want]
+    q_rot, mask = kernels.append_step(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos, cache_valid,
+                                      window, block_s)
+    cos, sin = angles  # (B, 1, 1, D)
+    q_want, k_rot = model.apply_rotary(q, cos[:, :, None], sin[:, :, None]), model.apply_rotary(k, cos, sin)
+    mask_want = torch.zeros(B, Hkv, 1, S, dtype=torch.bool)
+    for b in range(B):
+        p = int(positions[b, 0])
+        for h in range(Hkv):
+            s = int(slots[b, h, 0])
+            want[0][b, h, s], want[1][b, h, s], want[2][b, h, s], want[3][b, h, s] = k_rot[b, h, 0], v[b, h, 0], p, p >= 0
+            for j in range(S):
+                held, kp = bool(want[3][b, h, j]), int(want[2][b, h, j])
+                mask_want[b, h, 0, j] = (held and kp <= p and (not window or kp > p - window)) or j == s
+    assert q_rot.shape == q.shape and q_rot.dtype == q.dtype and mask.shape == (B, Hkv, 1, S) and mask.dtype == torch.bool
+    torch.testing.assert_close(q_rot, q_want, rtol=1.6e-2 if DEVICE == "cuda" else 1e-6, atol=ATOL / 10)
+    torch.testing.assert_close(cache_k, want[0], rtol=1.6e-2 if DEVICE == "cuda" else 1e-6, atol=ATOL / 10)
+    assert torch.equal(cache_v, want[1]) and torch.equal(cache_pos, want[2]) and torch.equal(cache_valid, want[3])
+    assert torch.equal(mask.cpu(), mask_want)
+    # the twin (append_step_reference), from the same cache, writes the same and gives the same
+    q_twin, mask_twin = kernels.append_step_reference(q, k, v, angles, slots, positions, *twin, window)
+    assert torch.equal(mask_twin, mask) and all(torch.equal(a, b) for a, b in zip(twin, want))
+    torch.testing.assert_close(q_twin, q_rot, rtol=1.6e-2 if DEVICE == "cuda" else 1e-6, atol=ATOL / 10)
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.sampled_from([1, 3]),
        T=st.integers(1, 200), D=st.sampled_from([16, 32]),
@@ -134,11 +188,21 @@ def test_kernels_under_torch_compile_launch_through_their_custom_ops():
         traced.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
         return gm.forward
 
+    cache = [torch.zeros(1, 2, 8, 16, device=DEVICE, dtype=DTYPE) for _ in range(2)]
+    cache += [torch.full((1, 2, 8), -1, device=DEVICE), torch.zeros(1, 2, 8, dtype=torch.bool, device=DEVICE)]
+    positions = torch.tensor([[3]], device=DEVICE)
+    angles = (torch.ones(1, 1, 1, 16, device=DEVICE), torch.zeros(1, 1, 1, 16, device=DEVICE))  # no turn
+
     def step(x, r, q, k, v, mask):
-        return kernels.linear_rows(x, w, None, gain, 1e-5, r, glu=True), *kernels.decode_attention(q, k, v, mask)
+        new = kernels.append_step(q, k[:, :, :1], v[:, :, :1], angles, positions[:, None].expand(1, 2, 1), positions,
+                                  *cache)
+        return kernels.linear_rows(x, w, None, gain, 1e-5, r, glu=True), *kernels.decode_attention(q, k, v, mask), *new
     torch._dynamo.reset()
-    rows, out, probs = torch.compile(step, backend=backend, fullgraph=True)(x, r, q, k, v, mask)
-    assert "kv_fast.linear_rows" in traced and "kv_fast.decode_attention" in traced
+    rows, out, probs, q_new, mask_new = torch.compile(step, backend=backend, fullgraph=True)(x, r, q, k, v, mask)
+    assert {"kv_fast.linear_rows", "kv_fast.decode_attention", "kv_fast.append_step"} <= set(traced)
+    assert torch.equal(q_new, q) and torch.equal(cache[1][:, :, 3], v[:, :, 0])
+    assert torch.equal(cache[2][0, :, 3], positions[0].expand(2))
+    assert mask_new[..., 3].all() and not mask_new[..., :3].any() and cache[3][..., 3].all()  # only its own slot
     assert not any("triton" in t for t in traced)  # no kernel traced into: each launch is its op's
     assert rows.shape == (1, 1, 24) and out.shape == (1, 2, 3, 1, 16) and probs.shape == (1, 2, 3, 1, 70)
     torch.testing.assert_close(rows.float(), kernels.linear_rows_reference(x, w, None, gain, 1e-5, r, True).float(),
@@ -214,12 +278,12 @@ MODEL_CASES = [(p, 64 if p == "full" or (DEVICE == "cuda" and p not in ("sink", 
 @pytest.mark.parametrize("policy_name,budget", MODEL_CASES)
 def test_model_fast_paths_with_kernels_equal_the_reference(kernels_on_cpu, monkeypatch, policy_name, budget):
     """A prompt (prefill mode: the prompt's twin with the fused causal attention and column sums,
-    rank_prompt) then decode steps (the decode kernel, the fused projections of fast.model.Block,
-    evict_one, full's slot by position) on the
+    rank_prompt) then decode steps (the append kernel, the decode kernel, the fused projections of
+    fast.model.Block, evict_one, full's slot by position) on the
     fast path, against the reference model and cache (explicit softmax or SDPA, keep_top): the
     same logits, the same policy state, and the same tokens kept in every layer and head after
     every call."""
-    calls = {"decode_attention": 0, "column_sums": 0, "linear_rows": 0}
+    calls = {"decode_attention": 0, "column_sums": 0, "linear_rows": 0, "append_step": 0}
     for name in calls:
         original = getattr(kernels, name)
 
@@ -245,6 +309,7 @@ def test_model_fast_paths_with_kernels_equal_the_reference(kernels_on_cpu, monke
     fast_out, slow_out = (torch.cat(o, dim=1) for o in outs)
     torch.testing.assert_close(fast_out.float(), slow_out.float(), rtol=0, atol=1e-4 if DEVICE == "cpu" else 0.1)
     assert calls["decode_attention"] == 12 * m.cfg.n_layers  # every decode step of every layer took the kernel
+    assert calls["append_step"] == 12 * m.cfg.n_layers  # and entered the cache through the append kernel
     # one sequence: the fused projections too, the output layer's included (two: the block's reference path)
     assert calls["linear_rows"] == (12 * (4 * m.cfg.n_layers + 1) if batch == 1 else 0)
     assert calls["column_sums"] == (m.cfg.n_layers if p.scored else 0)  # the prompt took the twin
