@@ -63,8 +63,8 @@ def row(m, name, policy_name, variants, args):
     with torch.no_grad():
         for variant, settings in variants.items():
             torch._dynamo.reset()
-            for (module, name), value in settings.items():
-                setattr(module, name, value)
+            for (module, setting), value in settings.items():
+                setattr(module, setting, value)
             cache = fast.KVCache(m.cfg, p, budget, batch=1, device="cuda", dtype=m.dtype,
                                  max_len=args.context + args.steps * (args.turns + 1) + 16)
             nxt = generate.feed(m, tokens, cache, last_only=True)[:, -1].argmax(-1)[:, None]
