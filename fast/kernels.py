@@ -87,15 +87,21 @@ def launch_op(op, eager):
 if triton is not None:
 
     @triton.jit
-    def _decode_kernel(Q, K, V, MASK, SCORES, M_PART, L_PART, ACC_PART,
+    def _decode_kernel(Q, K, V, MASK, SCORES, M_PART, L_PART, ACC_PART, COUNT, OUT, M_OUT, L_OUT,
                        S, n_split, scale_log2: tl.constexpr,
                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                       SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_SCORES: tl.constexpr, PDL: tl.constexpr):
+                       SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_SCORES: tl.constexpr, MERGE: tl.constexpr,
+                       N_PAD: tl.constexpr, PDL: tl.constexpr):
         """One program: one KV head of one sequence (its G query heads) over keys
         [split * SPLIT, (split + 1) * SPLIT). Q (B*Hkv, G, D); K, V (B*Hkv, S, D); MASK (B*Hkv, S);
         writes SCORES (B*Hkv, G, S) in log2 units (-inf where masked) if WRITE_SCORES, and per split
         the running max M_PART, sum L_PART (B*Hkv, G, n_split) and unnormalised output ACC_PART
-        (.., n_split, D). PDL: launched with programmatic dependent launch (see PDL)."""
+        (.., n_split, D). PDL: launched with programmatic dependent launch (see PDL).
+        MERGE: the last of a KV head's programs to finish merges its splits (_merge_row for each of its G
+        rows, into OUT, M_OUT, L_OUT), instead of a kernel after (_combine_kernel): each program counts
+        itself in COUNT (B*Hkv,) int32 (an atomic add, acquire-release: its partial results are visible
+        to whoever counts after it), and the one that counts n_split merges and sets the count back to 0
+        (the split-K "serial reduction" of GEMM libraries)."""
         if PDL:  # everything it reads the kernels before it wrote (q, the cache, the mask)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -137,24 +143,26 @@ if triton is not None:
         tl.store(M_PART + part, m, mask=g_ok)
         tl.store(L_PART + part, l, mask=g_ok)
         tl.store(ACC_PART + part[:, None] * D + offs_d[None, :], acc, mask=g_ok[:, None])
+        if MERGE:
+            tl.debug_barrier()  # every thread's partial results stored before the count (which releases them)
+            if tl.atomic_add(COUNT + bkv, 1, sem="acq_rel") == n_split - 1:  # the last: all the others' are visible
+                for g in range(G):
+                    _merge_row(M_PART, L_PART, ACC_PART, OUT, M_OUT, L_OUT, bkv * G + g, n_split, D, N_PAD)
+                tl.store(COUNT + bkv, 0)  # back to 0 for the next call
 
 
     @triton.jit
-    def _combine_kernel(M_PART, L_PART, ACC_PART, OUT, M_OUT, L_OUT, n_split,
-                        D: tl.constexpr, N_PAD: tl.constexpr, PDL: tl.constexpr):
-        """One program: one query row (of B*Hkv*G). Merges its n_split partial results
-        (FlashAttention's rescaling): m = max_i m_i, l = sum_i l_i 2^(m_i - m),
-        out = sum_i acc_i 2^(m_i - m) / l; writes out (D,) in OUT's dtype, m and l."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        row = tl.program_id(0).to(tl.int64)
+    def _merge_row(M_PART, L_PART, ACC_PART, OUT, M_OUT, L_OUT, row, n_split, D: tl.constexpr, N_PAD: tl.constexpr):
+        """Merges query row `row`'s n_split partial results (FlashAttention's rescaling): m = max_i m_i,
+        l = sum_i l_i 2^(m_i - m), out = sum_i acc_i 2^(m_i - m) / l; writes out (D,) in OUT's dtype, m
+        and l. Its loads bypass the SM's own L1 (.cg): other programs wrote the partial results."""
         offs_s = tl.arange(0, N_PAD)
         offs_d = tl.arange(0, D)
         s_ok = offs_s < n_split
-        m_i = tl.load(M_PART + row * n_split + offs_s, mask=s_ok, other=float("-inf"))
-        l_i = tl.load(L_PART + row * n_split + offs_s, mask=s_ok, other=0.0)
-        acc = tl.load(ACC_PART + (row * n_split + offs_s[:, None]) * D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        m_i = tl.load(M_PART + row * n_split + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        l_i = tl.load(L_PART + row * n_split + offs_s, mask=s_ok, other=0.0, cache_modifier=".cg")
+        acc = tl.load(ACC_PART + (row * n_split + offs_s[:, None]) * D + offs_d[None, :], mask=s_ok[:, None], other=0.0,
+                      cache_modifier=".cg")
         m = tl.max(m_i, 0)
         rescale = tl.where(s_ok, tl.exp2(m_i - m), 0.0)  # a split with no keys has m_i = -inf: 0
         l = tl.sum(l_i * rescale, 0)
@@ -162,6 +170,15 @@ if triton is not None:
         tl.store(OUT + row * D + offs_d, out.to(OUT.dtype.element_ty))
         tl.store(M_OUT + row, m)
         tl.store(L_OUT + row, l)
+
+    @triton.jit
+    def _combine_kernel(M_PART, L_PART, ACC_PART, OUT, M_OUT, L_OUT, n_split,
+                        D: tl.constexpr, N_PAD: tl.constexpr, PDL: tl.constexpr):
+        """One program: one query row (of B*Hkv*G): _merge_row."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        _merge_row(M_PART, L_PART, ACC_PART, OUT, M_OUT, L_OUT, tl.program_id(0).to(tl.int64), n_split, D, N_PAD)
 
 
 def decode_split(S: int, heads: int) -> int:
@@ -172,14 +189,32 @@ def decode_split(S: int, heads: int) -> int:
     return min(1024, max(64, triton.next_power_of_2(-(-S // 256))))
 
 
-def decode_attention(q, k, v, mask, need_probs: bool = True, config=None):
+# decode_attention merges its splits in the split pass (its last program a KV head) where they are at most
+# this many, else in a kernel after it (one program a query row: more splits, more parallel work); 0: never.
+MERGE_SPLITS = 64
+
+
+_COUNTS: dict = {}  # device -> decode_attention's counts (_counts)
+
+
+def _counts(device, n: int) -> torch.Tensor:
+    """(n,) int32 zeros on `device`: the split pass's counts of finished programs (one a KV head), which
+    its merging programs set back to 0, so one buffer serves every call (calls on one stream)."""
+    have = _COUNTS.get(device)
+    if have is None or have.numel() < n:
+        _COUNTS[device] = have = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+    return have[:n]
+
+
+def decode_attention(q, k, v, mask, need_probs: bool = True, config=None, merge: bool | None = None):
     """The decode step's attention with its probabilities, one pass over the keys.
 
     q (B, Hkv, G, 1, D); k, v (B, Hkv, S, D) contiguous; mask (B, Hkv, 1, S) bool (True = may
     attend). Returns out (B, Hkv, G, 1, D) in v's dtype and probs (B, Hkv, G, 1, S) fp32: what
     model.attend's explicit path returns; need_probs=False: out and None (for policies that score
     nothing: split across programs, it reads a short cache faster than the fused library kernel).
-    The twin: decode_attention_reference."""
+    merge: the splits merged in the split pass (default: up to MERGE_SPLITS of them). The twin:
+    decode_attention_reference."""
     B, Hkv, G, T, D = q.shape
     S = k.shape[2]
     assert T == 1, "decode_attention takes one row per sequence"
@@ -190,7 +225,8 @@ def decode_attention(q, k, v, mask, need_probs: bool = True, config=None):
     # (scripts/decode_probe.py, results/targets_h200x2/decode-probe.log)
     config = list(config or (SPLIT, BLOCK_N, 2 if G == 1 else 4, 3))  # (SPLIT, BLOCK_N, num_warps, num_stages)
     scores, m, l, out = launch_op(torch.ops.kv_fast.decode_attention, _decode_launch)(
-        q.reshape(B * Hkv, G, D), k, v, mask.reshape(B * Hkv, S), need_probs, config)
+        q.reshape(B * Hkv, G, D), k, v, mask.reshape(B * Hkv, S), need_probs, config,
+        merge if merge is not None else -(-S // config[0]) <= MERGE_SPLITS)
     out = out.view(B, Hkv, G, 1, D)
     if not need_probs:
         return out, None
@@ -198,41 +234,46 @@ def decode_attention(q, k, v, mask, need_probs: bool = True, config=None):
     return out, probs.view(B, Hkv, G, 1, S)
 
 
-def _decode_launch(q, k, v, mask, need_probs: bool, config: list[int]):
-    """decode_attention's two launches: the split pass over the keys, then the merge of the splits
-    (FlashAttention's rescaling, one program per query row). q (B*Hkv, G, D); k, v (B, Hkv, S, D);
-    mask (B*Hkv, S) bool -> scores (B*Hkv, G, S, or 1 without need_probs) in log2 units, each row's
-    max m and sum l (B*Hkv*G,) fp32, out (B*Hkv*G, D) in v's dtype."""
+def _decode_launch(q, k, v, mask, need_probs: bool, config: list[int], merge: bool):
+    """decode_attention's launches: the split pass over the keys, then the merge of the splits
+    (FlashAttention's rescaling, one program per query row), in the split pass's last program with
+    `merge`. q (B*Hkv, G, D); k, v (B, Hkv, S, D); mask (B*Hkv, S) bool -> scores (B*Hkv, G, S, or 1
+    without need_probs) in log2 units, each row's max m and sum l (B*Hkv*G,) fp32, out (B*Hkv*G, D)
+    in v's dtype."""
     BHkv, G, D = q.shape
     S = k.shape[2]
     SPLIT, BLOCK_N, warps, stages = config
     n_split = triton.cdiv(S, SPLIT)
     G_PAD = 1 if G == 1 else max(16, triton.next_power_of_2(G))  # tl.dot needs tiles of at least 16 rows
+    N_PAD = max(2, triton.next_power_of_2(n_split))
     f32, on = torch.float32, pdl(q.device)
     scores = torch.empty(BHkv, G, S if need_probs else 1, device=q.device, dtype=f32)
     m_part = torch.empty(BHkv, G, n_split, device=q.device, dtype=f32)
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(BHkv, G, n_split, D, device=q.device, dtype=f32)
-    _decode_kernel[(BHkv, n_split)](
-        q.contiguous(), k.contiguous(), v.contiguous(), mask.contiguous().view(torch.uint8), scores, m_part, l_part,
-        acc_part, S, n_split, LOG2E / math.sqrt(D), G=G, G_PAD=G_PAD, D=D, SPLIT=SPLIT, BLOCK_N=BLOCK_N,
-        WRITE_SCORES=need_probs, PDL=on, num_warps=warps, num_stages=stages, **launch_options(q))
     out = torch.empty(BHkv * G, D, device=q.device, dtype=v.dtype)
     m, l = torch.empty(BHkv * G, device=q.device, dtype=f32), torch.empty(BHkv * G, device=q.device, dtype=f32)
-    _combine_kernel[(BHkv * G,)](m_part, l_part, acc_part, out, m, l, n_split, D=D,
-                                N_PAD=max(2, triton.next_power_of_2(n_split)), PDL=on, **launch_options(q))
+    count = _counts(q.device, BHkv) if merge else m  # (unread without merge)
+    _decode_kernel[(BHkv, n_split)](
+        q.contiguous(), k.contiguous(), v.contiguous(), mask.contiguous().view(torch.uint8), scores, m_part, l_part,
+        acc_part, count, out, m, l, S, n_split, LOG2E / math.sqrt(D), G=G, G_PAD=G_PAD, D=D, SPLIT=SPLIT,
+        BLOCK_N=BLOCK_N, WRITE_SCORES=need_probs, MERGE=merge, N_PAD=N_PAD, PDL=on, num_warps=warps,
+        num_stages=stages, **launch_options(q))
+    if not merge:
+        _combine_kernel[(BHkv * G,)](m_part, l_part, acc_part, out, m, l, n_split, D=D, N_PAD=N_PAD, PDL=on,
+                                    **launch_options(q))
     return scores, m, l, out
 
 
 if triton is not None:
     @torch.library.custom_op("kv_fast::decode_attention", mutates_args=(),
-                             schema="(Tensor q, Tensor k, Tensor v, Tensor mask, bool need_probs, int[] config)"
-                                    " -> (Tensor, Tensor, Tensor, Tensor)")
-    def _decode_op(q, k, v, mask, need_probs, config):
-        return _decode_launch(q, k, v, mask, need_probs, config)
+                             schema="(Tensor q, Tensor k, Tensor v, Tensor mask, bool need_probs, int[] config,"
+                                    " bool merge) -> (Tensor, Tensor, Tensor, Tensor)")
+    def _decode_op(q, k, v, mask, need_probs, config, merge):
+        return _decode_launch(q, k, v, mask, need_probs, config, merge)
 
     @_decode_op.register_fake
-    def _(q, k, v, mask, need_probs, config):
+    def _(q, k, v, mask, need_probs, config, merge):
         BHkv, G, D = q.shape
         f32 = torch.float32
         return (q.new_empty(BHkv, G, k.shape[2] if need_probs else 1, dtype=f32), q.new_empty(BHkv * G, dtype=f32),

@@ -27,6 +27,8 @@
 #   bash scripts/gpu_issue18.sh append      scripts/pdl_ab.py --ab append (the new token's rotary, cache write and
 #                                           mask as inductor's kernels, then as kernels.append_step), SmolLM2 and the
 #                                           7B; a profiled SmolLM2 row; the GPU tests of test_kernels and test_fast
+#   bash scripts/gpu_issue18.sh fused       scripts/pdl_ab.py --ab fused and --ab merge (kernels.append_step and
+#                                           decode_attention's merge in its split pass: neither, both, the merge alone)
 #   bash scripts/gpu_issue18.sh prefill-profile  SmolLM2's fused prefill (full, 1k, 8 sequences), old/ beside this
 #                                           checkout: ms a prefill, the top CUDA kernels and CPU ops of one
 #   bash scripts/gpu_issue18.sh probe       scripts/rows_probe.py --configs: linear_rows against cuBLAS per matrix
@@ -127,6 +129,16 @@ append)  # the new token's rotary, cache write and mask: inductor's kernels, the
     | grep "^|\|^#\|Error\|error" | grep -v "^# NVIDIA" | tee -a $OUT/r/append-ab.log
   timeout 100 python bench.py --models smollm2 --contexts 1024 --long "" --batches 1 --policies full --no-hf \
     --weights random --profile --out $OUT/r/smollm2-profile.json 2>&1 | quiet > $OUT/r/smollm2-profile.log
+  timeout ${TESTS_TIMEOUT:-200} python -m pytest -x -m gpu tests/test_kernels.py tests/test_fast.py 2>&1 | tail -n 4 \
+    | tee $OUT/r/gpu-tests.log
+  ;;
+fused)  # kernels.append_step and the merge in the split pass: neither, the merge alone, both; GPU tests
+  timeout 170 python scripts/pdl_ab.py --ab fused --models smollm2 --policies full,a2sf 2>&1 | quiet \
+    | grep "^|\|^#\|Error\|error" | tee $OUT/r/fused-ab.log
+  timeout 110 python scripts/pdl_ab.py --ab merge --models smollm2 --policies full 2>&1 | quiet \
+    | grep "^|\|Error\|error" | tee -a $OUT/r/fused-ab.log
+  timeout 120 python scripts/pdl_ab.py --ab fused --models llama7b --policies full --turns 5 2>&1 | quiet \
+    | grep "^|\|Error\|error" | tee -a $OUT/r/fused-ab.log
   timeout ${TESTS_TIMEOUT:-200} python -m pytest -x -m gpu tests/test_kernels.py tests/test_fast.py 2>&1 | tail -n 4 \
     | tee $OUT/r/gpu-tests.log
   ;;

@@ -6,6 +6,9 @@ and each variant's speed against the first. The variants (--ab):
     pdl     programmatic dependent launch (fast.kernels.PDL) off, on, and inductor's kernels too (fast.step.INDUCTOR_PDL)
     append  the new token's rotary, cache write and mask as inductor's kernels (fast.model.APPEND off), then
             as one kernel (kernels.append_step)
+    merge   the decode attention's splits merged by a kernel after it (kernels.MERGE_SPLITS 0), then by its
+            own last program
+    fused   neither of the two, then both
 
     python scripts/pdl_ab.py [--ab pdl] [--models smollm2,llama7b] [--context 1024] [--steps 100] [--turns 7]
 """
@@ -27,7 +30,12 @@ import policies  # noqa: E402
 AB = {"pdl": {"launched one by one": {(fast.kernels, "PDL"): False, (fast.step, "INDUCTOR_PDL"): False},
               "PDL (ours)": {(fast.kernels, "PDL"): None, (fast.step, "INDUCTOR_PDL"): False},
               "PDL (ours and inductor's)": {(fast.kernels, "PDL"): None, (fast.step, "INDUCTOR_PDL"): True}},
-      "append": {"append apart": {(fast.model, "APPEND"): False}, "append kernel": {(fast.model, "APPEND"): True}}}
+      "append": {"append apart": {(fast.model, "APPEND"): False}, "append kernel": {(fast.model, "APPEND"): True}},
+      "merge": {"merge apart": {(fast.kernels, "MERGE_SPLITS"): 0},
+                "merge in the split pass": {(fast.kernels, "MERGE_SPLITS"): fast.kernels.MERGE_SPLITS}},
+      "fused": {"neither": {(fast.model, "APPEND"): False, (fast.kernels, "MERGE_SPLITS"): 0},
+                "append kernel and merge": {(fast.model, "APPEND"): True,
+                                            (fast.kernels, "MERGE_SPLITS"): fast.kernels.MERGE_SPLITS}}}
 
 
 def main():
@@ -60,6 +68,7 @@ def row(m, name, policy_name, variants, args):
     tokens = torch.randint(0, m.cfg.vocab_size, (1, args.context), device="cuda",
                            generator=torch.Generator(device="cuda").manual_seed(0))
     steps = {}
+    defaults = {key: getattr(*key) for settings in variants.values() for key in settings}
     with torch.no_grad():
         for variant, settings in variants.items():
             torch._dynamo.reset()
@@ -72,7 +81,8 @@ def row(m, name, policy_name, variants, args):
             for _ in range(4):  # compile, then capture (PDL is read at the capture: the launches are recorded)
                 nxt = step(nxt.clone())[:, -1].argmax(-1)[:, None]
             steps[variant] = (step, nxt)
-        fast.kernels.PDL, fast.step.INDUCTOR_PDL, fast.model.APPEND = None, True, True  # the defaults
+        for (module, setting), value in defaults.items():
+            setattr(module, setting, value)
         ms = {v: [] for v in variants}
         for _ in range(args.turns):
             for variant, (step, nxt) in steps.items():

@@ -30,24 +30,28 @@ ATOL = 2e-2 if DEVICE == "cuda" else 1e-5
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4]),
-       S=st.integers(1, 300), D=st.sampled_from([16, 32, 64]), keep=st.floats(0.0, 1.0))
-def test_decode_attention_equals_the_explicit_softmax(seed, B, Hkv, G, S, D, keep):
-    """One pass over the keys, split across programs and combined, gives the explicit softmax's
-    output and probabilities, for any key count (splits partly or wholly masked included)."""
+       S=st.integers(1, 300), D=st.sampled_from([16, 32, 64]), keep=st.floats(0.0, 1.0),
+       merge=st.sampled_from([None, True, False]))
+def test_decode_attention_equals_the_explicit_softmax(seed, B, Hkv, G, S, D, keep, merge):
+    """One pass over the keys, split across programs and combined (by the split pass's last program, or
+    by a kernel after it), gives the explicit softmax's output and probabilities, for any key count
+    (splits partly or wholly masked included), call after call (the merge's counts go back to 0)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hkv, G, 1, D, generator=g).to(DEVICE, DTYPE)
     k, v = (torch.randn(B, Hkv, S, D, generator=g).to(DEVICE, DTYPE) for _ in range(2))
     mask = torch.rand(B, Hkv, 1, S, generator=g) < keep
     mask[..., torch.randint(0, S, (1,), generator=g)] = True  # a row always sees its own slot
     mask = mask.to(DEVICE)
-    out, probs = kernels.decode_attention(q, k, v, mask)
+    out, probs = kernels.decode_attention(q, k, v, mask, merge=merge)
     ref_out, ref_probs = kernels.decode_attention_reference(q, k, v, mask)
     assert out.dtype == v.dtype and probs.dtype == torch.float32
     torch.testing.assert_close(probs, ref_probs, rtol=0, atol=ATOL / 10)
     torch.testing.assert_close(out.float(), ref_out.float(), rtol=0, atol=ATOL)
     assert (probs[~mask[:, :, None].expand_as(probs)] == 0).all()
-    out_only, none = kernels.decode_attention(q, k, v, mask, need_probs=False)  # for unscored policies
+    out_only, none = kernels.decode_attention(q, k, v, mask, need_probs=False, merge=merge)  # unscored policies
     assert none is None and torch.equal(out_only, out)
+    if merge is not False:
+        assert not kernels._counts(q.device, B * Hkv).any()  # every count back to 0
 
 
 @settings(max_examples=25, deadline=None)
@@ -320,6 +324,26 @@ def test_model_fast_paths_with_kernels_equal_the_reference(kernels_on_cpu, monke
             sa, sb = (torch.where(x.valid, x.state[name], 0).gather(-1, torch.where(x.valid, x.pos, 1 << 30).argsort(-1))
                       for x in (a, b))
             torch.testing.assert_close(sa, sb, rtol=1e-4 if DEVICE == "cpu" else 2e-2, atol=1e-5 if DEVICE == "cpu" else 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("Hkv,G,D,S", [(32, 1, 128, 1024), (32, 1, 128, 4000), (3, 3, 64, 1024), (8, 4, 128, 2500)])
+def test_merge_in_the_split_pass_equals_the_explicit_softmax_call_after_call_on_cuda(Hkv, G, D, S):
+    """The split pass's last program merges (kernels.MERGE_SPLITS): on a GPU its programs run at once, so
+    this is where the count's ordering is tested. 50 calls back to back on new data, each against the
+    explicit twin, on the 7B's and SmolLM2's shapes (grouped queries too) and up to 63 splits."""
+    g = torch.Generator(device="cuda").manual_seed(S)
+    for _ in range(50):
+        q = torch.randn(1, Hkv, G, 1, D, generator=g, device="cuda").to(torch.bfloat16)
+        k, v = (torch.randn(1, Hkv, S, D, generator=g, device="cuda").to(torch.bfloat16) for _ in range(2))
+        mask = torch.rand(1, Hkv, 1, S, generator=g, device="cuda") < 0.9
+        mask[..., -1] = True
+        out, probs = kernels.decode_attention(q, k, v, mask, merge=True)
+        ref_out, ref_probs = kernels.decode_attention_reference(q, k, v, mask)
+        torch.testing.assert_close(probs, ref_probs, rtol=0, atol=2e-3)
+        torch.testing.assert_close(out.float(), ref_out.float(), rtol=0, atol=2e-2)
+    assert not kernels._counts(q.device, Hkv).any()
 
 
 @pytest.mark.gpu
