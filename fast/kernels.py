@@ -91,14 +91,14 @@ if triton is not None:
                        S, n_split, scale_log2: tl.constexpr,
                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_SCORES: tl.constexpr, MERGE: tl.constexpr,
-                       N_PAD: tl.constexpr, PDL: tl.constexpr):
+                       G_P2: tl.constexpr, N_PAD: tl.constexpr, PDL: tl.constexpr):
         """One program: one KV head of one sequence (its G query heads) over keys
         [split * SPLIT, (split + 1) * SPLIT). Q (B*Hkv, G, D); K, V (B*Hkv, S, D); MASK (B*Hkv, S);
         writes SCORES (B*Hkv, G, S) in log2 units (-inf where masked) if WRITE_SCORES, and per split
         the running max M_PART, sum L_PART (B*Hkv, G, n_split) and unnormalised output ACC_PART
         (.., n_split, D). PDL: launched with programmatic dependent launch (see PDL).
-        MERGE: the last of a KV head's programs to finish merges its splits (_merge_row for each of its G
-        rows, into OUT, M_OUT, L_OUT), instead of a kernel after (_combine_kernel): each program counts
+        MERGE: the last of a KV head's programs to finish merges its splits (_merge_rows, its G rows at
+        once, into OUT, M_OUT, L_OUT), instead of a kernel after (_combine_kernel): each program counts
         itself in COUNT (B*Hkv,) int32 (an atomic add, acquire-release: its partial results are visible
         to whoever counts after it), and the one that counts n_split merges and sets the count back to 0
         (the split-K "serial reduction" of GEMM libraries)."""
@@ -146,39 +146,45 @@ if triton is not None:
         if MERGE:
             tl.debug_barrier()  # every thread's partial results stored before the count (which releases them)
             if tl.atomic_add(COUNT + bkv, 1, sem="acq_rel") == n_split - 1:  # the last: all the others' are visible
-                for g in range(G):
-                    _merge_row(M_PART, L_PART, ACC_PART, OUT, M_OUT, L_OUT, bkv * G + g, n_split, D, N_PAD)
+                _merge_rows(M_PART, L_PART, ACC_PART, OUT, M_OUT, L_OUT, bkv * G, n_split, G, G_P2, D, N_PAD)
                 tl.store(COUNT + bkv, 0)  # back to 0 for the next call
 
 
     @triton.jit
-    def _merge_row(M_PART, L_PART, ACC_PART, OUT, M_OUT, L_OUT, row, n_split, D: tl.constexpr, N_PAD: tl.constexpr):
-        """Merges query row `row`'s n_split partial results (FlashAttention's rescaling): m = max_i m_i,
-        l = sum_i l_i 2^(m_i - m), out = sum_i acc_i 2^(m_i - m) / l; writes out (D,) in OUT's dtype, m
-        and l. Its loads bypass the SM's own L1 (.cg): other programs wrote the partial results."""
+    def _merge_rows(M_PART, L_PART, ACC_PART, OUT, M_OUT, L_OUT, row0, n_split,
+                    G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, N_PAD: tl.constexpr):
+        """Merges the n_split partial results of query rows row0 .. row0 + G, all at once (FlashAttention's
+        rescaling): m = max_i m_i, l = sum_i l_i 2^(m_i - m), out = sum_i acc_i 2^(m_i - m) / l; writes
+        out (D,) in OUT's dtype, m and l of each. Its loads bypass the SM's own L1 (.cg): other programs
+        wrote the partial results."""
+        offs_g = tl.arange(0, G_P2)
         offs_s = tl.arange(0, N_PAD)
         offs_d = tl.arange(0, D)
-        s_ok = offs_s < n_split
-        m_i = tl.load(M_PART + row * n_split + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-        l_i = tl.load(L_PART + row * n_split + offs_s, mask=s_ok, other=0.0, cache_modifier=".cg")
-        acc = tl.load(ACC_PART + (row * n_split + offs_s[:, None]) * D + offs_d[None, :], mask=s_ok[:, None], other=0.0,
-                      cache_modifier=".cg")
-        m = tl.max(m_i, 0)
-        rescale = tl.where(s_ok, tl.exp2(m_i - m), 0.0)  # a split with no keys has m_i = -inf: 0
-        l = tl.sum(l_i * rescale, 0)
-        out = tl.sum(acc * rescale[:, None], 0) / l
-        tl.store(OUT + row * D + offs_d, out.to(OUT.dtype.element_ty))
-        tl.store(M_OUT + row, m)
-        tl.store(L_OUT + row, l)
+        rows = row0 + offs_g
+        ok = (offs_g < G)[:, None] & (offs_s < n_split)[None, :]  # (G_P2, N_PAD)
+        part = rows[:, None] * n_split + offs_s[None, :]
+        m_i = tl.load(M_PART + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l_i = tl.load(L_PART + part, mask=ok, other=0.0, cache_modifier=".cg")
+        acc = tl.load(ACC_PART + part[:, :, None] * D + offs_d[None, None, :], mask=ok[:, :, None], other=0.0,
+                      cache_modifier=".cg")  # (G_P2, N_PAD, D)
+        m = tl.max(m_i, 1)
+        m_ref = tl.where(m == float("-inf"), 0.0, m)  # padding rows: no NaN
+        rescale = tl.where(ok, tl.exp2(m_i - m_ref[:, None]), 0.0)  # a split with no keys has m_i = -inf: 0
+        l = tl.sum(l_i * rescale, 1)
+        out = tl.sum(acc * rescale[:, :, None], 1) / tl.where(l == 0.0, 1.0, l)[:, None]  # (G_P2, D)
+        g_ok = offs_g < G
+        tl.store(OUT + rows[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=g_ok[:, None])
+        tl.store(M_OUT + rows, m, mask=g_ok)
+        tl.store(L_OUT + rows, l, mask=g_ok)
 
     @triton.jit
     def _combine_kernel(M_PART, L_PART, ACC_PART, OUT, M_OUT, L_OUT, n_split,
                         D: tl.constexpr, N_PAD: tl.constexpr, PDL: tl.constexpr):
-        """One program: one query row (of B*Hkv*G): _merge_row."""
+        """One program: one query row (of B*Hkv*G): _merge_rows."""
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        _merge_row(M_PART, L_PART, ACC_PART, OUT, M_OUT, L_OUT, tl.program_id(0).to(tl.int64), n_split, D, N_PAD)
+        _merge_rows(M_PART, L_PART, ACC_PART, OUT, M_OUT, L_OUT, tl.program_id(0).to(tl.int64), n_split, 1, 1, D, N_PAD)
 
 
 def decode_split(S: int, heads: int) -> int:
@@ -189,9 +195,15 @@ def decode_split(S: int, heads: int) -> int:
     return min(1024, max(64, triton.next_power_of_2(-(-S // 256))))
 
 
-# decode_attention merges its splits in the split pass (its last program a KV head) where they are at most
-# this many, else in a kernel after it (one program a query row: more splits, more parallel work); 0: never.
-MERGE_SPLITS = 64
+# decode_attention merges its splits in the split pass (its last program a KV head: the G rows' partial
+# outputs as one tile of G x splits x D floats, padded to powers of 2) where that tile has at most this many
+# floats (a few dozen registers a thread), else in a kernel after it (one program a query row); 0: never.
+MERGE_ELEMENTS = 8192
+
+
+def merge_fits(G: int, n_split: int, D: int) -> bool:
+    """Whether decode_attention's split pass merges its splits itself (MERGE_ELEMENTS)."""
+    return triton.next_power_of_2(G) * max(2, triton.next_power_of_2(n_split)) * D <= MERGE_ELEMENTS
 
 
 _COUNTS: dict = {}  # device -> decode_attention's counts (_counts)
@@ -213,7 +225,7 @@ def decode_attention(q, k, v, mask, need_probs: bool = True, config=None, merge:
     attend). Returns out (B, Hkv, G, 1, D) in v's dtype and probs (B, Hkv, G, 1, S) fp32: what
     model.attend's explicit path returns; need_probs=False: out and None (for policies that score
     nothing: split across programs, it reads a short cache faster than the fused library kernel).
-    merge: the splits merged in the split pass (default: up to MERGE_SPLITS of them). The twin:
+    merge: the splits merged in the split pass (default: where MERGE_ELEMENTS allows). The twin:
     decode_attention_reference."""
     B, Hkv, G, T, D = q.shape
     S = k.shape[2]
@@ -226,7 +238,7 @@ def decode_attention(q, k, v, mask, need_probs: bool = True, config=None, merge:
     config = list(config or (SPLIT, BLOCK_N, 2 if G == 1 else 4, 3))  # (SPLIT, BLOCK_N, num_warps, num_stages)
     scores, m, l, out = launch_op(torch.ops.kv_fast.decode_attention, _decode_launch)(
         q.reshape(B * Hkv, G, D), k, v, mask.reshape(B * Hkv, S), need_probs, config,
-        merge if merge is not None else -(-S // config[0]) <= MERGE_SPLITS)
+        merge if merge is not None else merge_fits(G, -(-S // config[0]), D))
     out = out.view(B, Hkv, G, 1, D)
     if not need_probs:
         return out, None
@@ -257,8 +269,8 @@ def _decode_launch(q, k, v, mask, need_probs: bool, config: list[int], merge: bo
     _decode_kernel[(BHkv, n_split)](
         q.contiguous(), k.contiguous(), v.contiguous(), mask.contiguous().view(torch.uint8), scores, m_part, l_part,
         acc_part, count, out, m, l, S, n_split, LOG2E / math.sqrt(D), G=G, G_PAD=G_PAD, D=D, SPLIT=SPLIT,
-        BLOCK_N=BLOCK_N, WRITE_SCORES=need_probs, MERGE=merge, N_PAD=N_PAD, PDL=on, num_warps=warps,
-        num_stages=stages, **launch_options(q))
+        BLOCK_N=BLOCK_N, WRITE_SCORES=need_probs, MERGE=merge, G_P2=triton.next_power_of_2(G), N_PAD=N_PAD, PDL=on,
+        num_warps=warps, num_stages=stages, **launch_options(q))
     if not merge:
         _combine_kernel[(BHkv * G,)](m_part, l_part, acc_part, out, m, l, n_split, D=D, N_PAD=N_PAD, PDL=on,
                                     **launch_options(q))

@@ -29,6 +29,8 @@
 #                                           7B; a profiled SmolLM2 row; the GPU tests of test_kernels and test_fast
 #   bash scripts/gpu_issue18.sh fused       scripts/pdl_ab.py --ab fused and --ab merge (kernels.append_step and
 #                                           decode_attention's merge in its split pass: neither, both, the merge alone)
+#   bash scripts/gpu_issue18.sh merge       scripts/pdl_ab.py --ab merge: decode_attention's merge after its split pass,
+#                                           then in it; the GPU tests of the decode kernel
 #   bash scripts/gpu_issue18.sh prefill-profile  SmolLM2's fused prefill (full, 1k, 8 sequences), old/ beside this
 #                                           checkout: ms a prefill, the top CUDA kernels and CPU ops of one
 #   bash scripts/gpu_issue18.sh probe       scripts/rows_probe.py --configs: linear_rows against cuBLAS per matrix
@@ -141,6 +143,13 @@ fused)  # kernels.append_step and the merge in the split pass: neither, the merg
     | grep "^|\|Error\|error" | tee -a $OUT/r/fused-ab.log
   timeout ${TESTS_TIMEOUT:-200} python -m pytest -x -m gpu tests/test_kernels.py tests/test_fast.py 2>&1 | tail -n 4 \
     | tee $OUT/r/gpu-tests.log
+  ;;
+merge)  # decode_attention's merge: a kernel after the split pass, then in it (kernels.MERGE_ELEMENTS); its GPU tests
+  timeout 100 python scripts/pdl_ab.py --ab merge --models smollm2 --policies full,a2sf --turns 5 2>&1 | quiet \
+    | grep "^|\|^#\|Error\|error" | tee $OUT/r/merge-ab.log
+  timeout 100 python scripts/pdl_ab.py --ab merge --models llama7b --policies full --turns 5 2>&1 | quiet \
+    | grep "^|\|Error\|error" | tee -a $OUT/r/merge-ab.log
+  timeout 100 python -m pytest -x -m gpu tests/test_kernels.py -k "merge or decode" 2>&1 | tail -n 4 | tee $OUT/r/gpu-tests.log
   ;;
 prefill-profile)  # SmolLM2's fused prefill, full, 1k, 8 sequences: the landed main (old/) beside this checkout,
   # each call's CUDA kernels and CPU ops (session 6 found it at 0.51x the landed main's speed)

@@ -6,7 +6,7 @@ and each variant's speed against the first. The variants (--ab):
     pdl     programmatic dependent launch (fast.kernels.PDL) off, on, and inductor's kernels too (fast.step.INDUCTOR_PDL)
     append  the new token's rotary, cache write and mask as inductor's kernels (fast.model.APPEND off), then
             as one kernel (kernels.append_step)
-    merge   the decode attention's splits merged by a kernel after it (kernels.MERGE_SPLITS 0), then by its
+    merge   the decode attention's splits merged by a kernel after it (kernels.MERGE_ELEMENTS 0), then by its
             own last program
     fused   neither of the two, then both
 
@@ -31,11 +31,11 @@ AB = {"pdl": {"launched one by one": {(fast.kernels, "PDL"): False, (fast.step, 
               "PDL (ours)": {(fast.kernels, "PDL"): None, (fast.step, "INDUCTOR_PDL"): False},
               "PDL (ours and inductor's)": {(fast.kernels, "PDL"): None, (fast.step, "INDUCTOR_PDL"): True}},
       "append": {"append apart": {(fast.model, "APPEND"): False}, "append kernel": {(fast.model, "APPEND"): True}},
-      "merge": {"merge apart": {(fast.kernels, "MERGE_SPLITS"): 0},
-                "merge in the split pass": {(fast.kernels, "MERGE_SPLITS"): fast.kernels.MERGE_SPLITS}},
-      "fused": {"neither": {(fast.model, "APPEND"): False, (fast.kernels, "MERGE_SPLITS"): 0},
+      "merge": {"merge apart": {(fast.kernels, "MERGE_ELEMENTS"): 0},
+                "merge in the split pass": {(fast.kernels, "MERGE_ELEMENTS"): fast.kernels.MERGE_ELEMENTS}},
+      "fused": {"neither": {(fast.model, "APPEND"): False, (fast.kernels, "MERGE_ELEMENTS"): 0},
                 "append kernel and merge": {(fast.model, "APPEND"): True,
-                                            (fast.kernels, "MERGE_SPLITS"): fast.kernels.MERGE_SPLITS}}}
+                                            (fast.kernels, "MERGE_ELEMENTS"): fast.kernels.MERGE_ELEMENTS}}}
 
 
 def main():

@@ -330,7 +330,7 @@ def test_model_fast_paths_with_kernels_equal_the_reference(kernels_on_cpu, monke
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("Hkv,G,D,S", [(32, 1, 128, 1024), (32, 1, 128, 4000), (3, 3, 64, 1024), (8, 4, 128, 2500)])
 def test_merge_in_the_split_pass_equals_the_explicit_softmax_call_after_call_on_cuda(Hkv, G, D, S):
-    """The split pass's last program merges (kernels.MERGE_SPLITS): on a GPU its programs run at once, so
+    """The split pass's last program merges (kernels.MERGE_ELEMENTS): on a GPU its programs run at once, so
     this is where the count's ordering is tested. 50 calls back to back on new data, each against the
     explicit twin, on the 7B's and SmolLM2's shapes (grouped queries too) and up to 63 splits."""
     g = torch.Generator(device="cuda").manual_seed(S)
