@@ -31,6 +31,8 @@
 #                                           decode_attention's merge in its split pass: neither, both, the merge alone)
 #   bash scripts/gpu_issue18.sh merge       scripts/pdl_ab.py --ab merge: decode_attention's merge after its split pass,
 #                                           then in it; the GPU tests of the decode kernel
+#   bash scripts/gpu_issue18.sh final       this checkout's targets-smollm2 (with transformers') and targets-7b-short,
+#                                           the landed main's full 1k rows of both models beside them (one call)
 #   bash scripts/gpu_issue18.sh prefill-profile  SmolLM2's fused prefill (full, 1k, 8 sequences), old/ beside this
 #                                           checkout: ms a prefill, the top CUDA kernels and CPU ops of one
 #   bash scripts/gpu_issue18.sh probe       scripts/rows_probe.py --configs: linear_rows against cuBLAS per matrix
@@ -150,6 +152,18 @@ merge)  # decode_attention's merge: a kernel after the split pass, then in it (k
   timeout 100 python scripts/pdl_ab.py --ab merge --models llama7b --policies full --turns 5 2>&1 | quiet \
     | grep "^|\|Error\|error" | tee -a $OUT/r/merge-ab.log
   timeout 100 python -m pytest -x -m gpu tests/test_kernels.py -k "merge or decode" 2>&1 | tail -n 4 | tee $OUT/r/gpu-tests.log
+  ;;
+final)  # one call: this checkout's targets-smollm2 (transformers' rows too) and targets-7b-short, the landed main's
+  # (old/) full 1k rows beside them
+  timeout 230 python bench.py --plan targets-smollm2 --weights random --profile --out $OUT/r/new-targets-smollm2.json 2>&1 \
+    | quiet > $OUT/r/new-targets-smollm2.log
+  (cd old && timeout 75 python bench.py --models smollm2 --contexts 1024 --long "" --batches 1 --policies full --no-hf \
+    --weights random --out $OUT/r/old-smollm2-1k.json 2>&1 | quiet | grep "^|\|^#\|Error" > $OUT/r/old-smollm2-1k.log)
+  timeout 185 python bench.py --plan targets-7b-short --no-hf --weights random --out $OUT/r/new-targets-7b-short.json 2>&1 \
+    | quiet > $OUT/r/new-targets-7b-short.log
+  (cd old && timeout 90 python bench.py --models llama7b --contexts 1024 --long "" --batches 1 --policies full --no-hf \
+    --weights random --out $OUT/r/old-7b-1k.json 2>&1 | quiet | grep "^|\|^#\|Error" > $OUT/r/old-7b-1k.log)
+  grep -h "^| [sl]" $OUT/r/*.log | grep -v "^| *Name"
   ;;
 prefill-profile)  # SmolLM2's fused prefill, full, 1k, 8 sequences: the landed main (old/) beside this checkout,
   # each call's CUDA kernels and CPU ops (session 6 found it at 0.51x the landed main's speed)
