@@ -339,6 +339,7 @@ PLANS = {
 }
 PLANS["targets"] = PLANS["targets-smollm2"] + PLANS["targets-7b"]  # every target from one run
 PLANS["targets-7b-short"] = PLANS["targets-7b"][:6]  # the 7B's decode targets (1k, 2k), without the long prompts
+PLANS["targets-7b-long"] = PLANS["targets-7b"][6:]  # and the rest: 8k and 32k prompts
 # Issue 18's token-by-token row (bench_tokenwise): a streaming chunk-1 prompt, each way of running its
 # calls. Not `full`: a full cache takes a prompt in one call, never token by token.
 PLANS["tokenwise"] = [("smollm2", "a2sf", "r0.2", 2048, 64, "tokenwise"), ("smollm2", "h2o", "r0.2", 2048, 64, "tokenwise")]

@@ -33,6 +33,7 @@
 #                                           then in it; the GPU tests of the decode kernel
 #   bash scripts/gpu_issue18.sh final       this checkout's targets-smollm2 (with transformers') and targets-7b-short,
 #                                           the landed main's full 1k rows of both models beside them (one call)
+#   bash scripts/gpu_issue18.sh final-long  the GPU tests of test_kernels and test_fast, then targets-7b-long
 #   bash scripts/gpu_issue18.sh prefill-profile  SmolLM2's fused prefill (full, 1k, 8 sequences), old/ beside this
 #                                           checkout: ms a prefill, the top CUDA kernels and CPU ops of one
 #   bash scripts/gpu_issue18.sh probe       scripts/rows_probe.py --configs: linear_rows against cuBLAS per matrix
@@ -163,6 +164,12 @@ final)  # one call: this checkout's targets-smollm2 (transformers' rows too) and
     | quiet > $OUT/r/new-targets-7b-short.log
   (cd old && timeout 90 python bench.py --models llama7b --contexts 1024 --long "" --batches 1 --policies full --no-hf \
     --weights random --out $OUT/r/old-7b-1k.json 2>&1 | quiet | grep "^|\|^#\|Error" > $OUT/r/old-7b-1k.log)
+  grep -h "^| [sl]" $OUT/r/*.log | grep -v "^| *Name"
+  ;;
+final-long)  # the GPU tests of test_kernels and test_fast, then this checkout's targets-7b-long
+  timeout 110 python -m pytest -x -m gpu tests/test_kernels.py tests/test_fast.py 2>&1 | tail -n 4 | tee $OUT/r/gpu-tests.log
+  timeout 320 python bench.py --plan targets-7b-long --no-hf --weights random --out $OUT/r/new-targets-7b-long.json 2>&1 \
+    | quiet > $OUT/r/new-targets-7b-long.log
   grep -h "^| [sl]" $OUT/r/*.log | grep -v "^| *Name"
   ;;
 prefill-profile)  # SmolLM2's fused prefill, full, 1k, 8 sequences: the landed main (old/) beside this checkout,
