@@ -6,9 +6,10 @@
     cache = fast.KVCache(cfg, policy, budget, ...)  # one free slot by argmax, one victim per step, prompt ranking
     step = fast.compile_decode(model, cache)        # compiled blocks, a CUDA graph on a GPU
 
-    fast/model.py    the model's twins (fuse_linears, half_scores, Attention.prompt, Block: a decode
-                     step's projections with their norms and adds fused, kernels.linear_rows)
-    fast/cache.py    the cache's twins (evict_one, rank_prompt, write_prompt)
+    fast/model.py    the model's twins (fuse_linears, half_scores, Attention.prompt, Attention.forward_heads:
+                     a decode step's new token into the cache in one kernel, kernels.append_step; Block: a
+                     decode step's projections with their norms and adds fused, kernels.linear_rows)
+    fast/cache.py    the cache's twins (evict_one, LayerCache.append, rank_prompt, write_prompt)
     fast/kernels.py  the Triton kernels and their torch twins
     fast/step.py     compile_decode, graph_decode, CudaGraphStep
 
