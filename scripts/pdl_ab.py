@@ -9,6 +9,7 @@ and each variant's speed against the first. The variants (--ab):
     merge   the decode attention's splits merged by a kernel after it (kernels.MERGE_ELEMENTS 0), then by its
             own last program
     fused   neither of the two, then both
+    split   decode_attention's keys a program (kernels.decode_split) forced to 64, 128, 256
 
     python scripts/pdl_ab.py [--ab pdl] [--models smollm2,llama7b] [--context 1024] [--steps 100] [--turns 7]
 """
@@ -33,6 +34,7 @@ AB = {"pdl": {"launched one by one": {(fast.kernels, "PDL"): False, (fast.step, 
       "append": {"append apart": {(fast.model, "APPEND"): False}, "append kernel": {(fast.model, "APPEND"): True}},
       "merge": {"merge apart": {(fast.kernels, "MERGE_ELEMENTS"): 0},
                 "merge in the split pass": {(fast.kernels, "MERGE_ELEMENTS"): fast.kernels.MERGE_ELEMENTS}},
+      "split": {f"{n} keys a program": {(fast.kernels, "decode_split"): (lambda S, heads, n=n: n)} for n in (64, 128, 256)},
       "fused": {"neither": {(fast.model, "APPEND"): False, (fast.kernels, "MERGE_ELEMENTS"): 0},
                 "append kernel and merge": {(fast.model, "APPEND"): True,
                                             (fast.kernels, "MERGE_ELEMENTS"): fast.kernels.MERGE_ELEMENTS}}}
