@@ -10,6 +10,7 @@ and each variant's speed against the first. The variants (--ab):
             own last program
     fused   neither of the two, then both
     split   decode_attention's keys a program (kernels.decode_split) forced to 64, 128, 256
+    split32 64 and 32 keys a program, the merge in the split pass up to 16,384 floats (kernels.MERGE_ELEMENTS)
 
     python scripts/pdl_ab.py [--ab pdl] [--models smollm2,llama7b] [--context 1024] [--steps 100] [--turns 7]
 """
@@ -35,6 +36,9 @@ AB = {"pdl": {"launched one by one": {(fast.kernels, "PDL"): False, (fast.step, 
       "merge": {"merge apart": {(fast.kernels, "MERGE_ELEMENTS"): 0},
                 "merge in the split pass": {(fast.kernels, "MERGE_ELEMENTS"): fast.kernels.MERGE_ELEMENTS}},
       "split": {f"{n} keys a program": {(fast.kernels, "decode_split"): (lambda S, heads, n=n: n)} for n in (64, 128, 256)},
+      "split32": {f"{n} keys a program, merge up to 16,384 floats": {(fast.kernels, "decode_split"): (lambda S, heads, n=n: n),
+                                                                     (fast.kernels, "MERGE_ELEMENTS"): 16384}
+                  for n in (64, 32)},
       "fused": {"neither": {(fast.model, "APPEND"): False, (fast.kernels, "MERGE_ELEMENTS"): 0},
                 "append kernel and merge": {(fast.model, "APPEND"): True,
                                             (fast.kernels, "MERGE_ELEMENTS"): fast.kernels.MERGE_ELEMENTS}}}
