@@ -27,6 +27,11 @@ from policies import Tokens
 # `bench.py --evict-chunk C` sets it.
 EVICT_CHUNK: int | None = None
 
+# A decode step's free slot (free_slots: the lowest one, an argmax over the slots) found by the append kernel
+# (kernels.append_step) in storage of up to this many slots: one program a KV head scans the slots before it
+# writes, one kernel fewer a layer. Past it (a long cache, few programs) and with 0: free_slots' own kernel.
+FIND_SLOT = 8192
+
 
 def evict_one(prio, pos, valid, budget, packed: bool | None = None, chunk: int | None = None):
     """The decode-step twin of cache.keep_top for one new token: at most one eviction per head,
@@ -77,11 +82,16 @@ class LayerCache(reference.LayerCache):
 
     def append(self, q, k, v, positions, angles, window: int = 0):
         """The decode step's twin of rotary, update and Call.mask (model.Attention.forward_heads) for
-        keys stored rotated, in one kernel (kernels.append_step). q (B, Hkv, G, 1, D), k, v (B, Hkv,
-        1, D) as projected; positions (B, 1); angles their rotary (cos, sin).
-        -> q rotated, the call (as update's) and its mask (B, Hkv, 1, S)."""
-        slots = self.make_room(k.shape[0], positions)  # (B, Hkv, 1)
-        q, mask = kernels.append_step(q, k, v, angles, slots, positions, self.k, self.v, self.pos, self.valid, window)
+        keys stored rotated, in one kernel (kernels.append_step), the free slot found there too where
+        FIND_SLOT allows. q (B, Hkv, G, 1, D), k, v (B, Hkv, 1, D) as projected; positions (B, 1);
+        angles their rotary (cos, sin). -> q rotated, the call (as update's) and its mask (B, Hkv, 1, S)."""
+        B = k.shape[0]
+        o = self.owner
+        find = (FIND_SLOT and not (self.policy.keep_all and not o.padded) and B == o.batch
+                and o.capacity == self.capacity <= FIND_SLOT)  # else make_room's checks, growth, free_slots
+        slots = None if find else self.make_room(B, positions)  # (B, Hkv, 1)
+        q, mask, slots = kernels.append_step(q, k, v, angles, slots, positions, self.k, self.v, self.pos, self.valid,
+                                             window)
         return q, self.new_call(k, v, positions, slots), mask  # (token_state reads the values only: k unrotated is fine)
 
     def write_prompt(self, k, v, pos, keep, state, idx) -> None:

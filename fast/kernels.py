@@ -307,17 +307,21 @@ def decode_attention_reference(q, k, v, mask):
 if triton is not None:
 
     @triton.jit
-    def _append_kernel(Q, K_NEW, V_NEW, COS, SIN, SLOTS, QPOS, K, V, POS, VALID, MASK, Q_OUT,
+    def _append_kernel(Q, K_NEW, V_NEW, COS, SIN, SLOTS, QPOS, K, V, POS, VALID, MASK, Q_OUT, SLOT_OUT,
                        S, Hkv, window, sq_b, sq_h, sq_g, sk_b, sk_h, sv_b, sv_h, sc_b, ss_b, ss_h,
                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                       PDL: tl.constexpr):
+                       FIND_SLOT: tl.constexpr, PDL: tl.constexpr):
         """One row of programs: one KV head of one sequence. Q (B, Hkv, G, D), K_NEW, V_NEW (B, Hkv, D) by their
         strides; COS, SIN (B, D) fp32; SLOTS (B, Hkv) by strides, QPOS (B,): the new token's slot and
         position. Writes the token in: K[slot] = rotary(k), V[slot] = v, POS[slot] = position,
         VALID[slot] = position >= 0 (K, V (B*Hkv, S, D), POS, VALID (B*Hkv, S)); the rotated queries
         into Q_OUT (B*Hkv, G, D); and the row's mask into MASK (B*Hkv, S): (valid & pos <= position
-        [& pos > position - window]) | own slot, cache.Call.mask, BLOCK_S slots a program. The mask may
-        read POS and VALID at the own slot before or after the write: either way the slot is on (its own)."""
+        [& pos > position - window]) | own slot, cache.Call.mask, BLOCK_S slots at a time. The mask may
+        read POS and VALID at the own slot before or after the write: either way the slot is on (its own).
+        FIND_SLOT: the slot is the row's lowest free one (not VALID; slot 0 if none: the argmax of
+        fast.cache.LayerCache.free_slots), found here and written to SLOT_OUT (B*Hkv,); then the row is one
+        program, which scans VALID before it writes anything. Else SLOTS gives it, and each program of the
+        row writes one block of the mask."""
         if PDL:  # q, k, v come from the kernel before; the cache from earlier ones
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -325,7 +329,16 @@ if triton is not None:
         b = bkv // Hkv
         h = bkv % Hkv
         p = tl.load(QPOS + b)
-        slot = tl.load(SLOTS + b * ss_b + h * ss_h)
+        if FIND_SLOT:  # the lowest slot not held, S if none
+            slot = S
+            for s0 in range(0, S, BLOCK_S):
+                offs = s0 + tl.arange(0, BLOCK_S)
+                free = tl.load(VALID + bkv * S + offs, mask=offs < S, other=1) == 0
+                slot = tl.minimum(slot, tl.min(tl.where(free, offs, S), 0))
+            slot = tl.where(slot == S, 0, slot).to(tl.int64)
+            tl.store(SLOT_OUT + bkv, slot)
+        else:
+            slot = tl.load(SLOTS + b * ss_b + h * ss_h)
         if tl.program_id(1) == 0:  # the first program of the row writes the token in and rotates the queries
             offs_d = tl.arange(0, D)
             partner = (offs_d + D // 2) % D  # rotate_half(x) = (-x2, x1): element i takes i + D/2 (mod D), signed
@@ -344,14 +357,15 @@ if triton is not None:
             q = tl.load(q_in + offs_d[None, :], mask=g_ok, other=0.0).to(tl.float32) * cos[None, :]
             q += (tl.load(q_in + partner[None, :], mask=g_ok, other=0.0).to(tl.float32) * sign[None, :]) * sin[None, :]
             tl.store(Q_OUT + (bkv * G + offs_g[:, None]) * D + offs_d[None, :], q.to(Q_OUT.dtype.element_ty), mask=g_ok)
-        offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)  # each program: BLOCK_S slots of the mask
-        s_ok = offs_s < S
-        pos = tl.load(POS + bkv * S + offs_s, mask=s_ok, other=0)
-        see = (tl.load(VALID + bkv * S + offs_s, mask=s_ok, other=0) != 0) & (pos <= p)
-        if window > 0:
-            see = see & (pos > p - window)
-        see = see | (offs_s == slot)
-        tl.store(MASK + bkv * S + offs_s, see.to(tl.uint8), mask=s_ok)
+        for s0 in range(tl.program_id(1) * BLOCK_S, S, tl.num_programs(1) * BLOCK_S):  # this program's blocks of the mask
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            s_ok = offs_s < S
+            pos = tl.load(POS + bkv * S + offs_s, mask=s_ok, other=0)
+            see = (tl.load(VALID + bkv * S + offs_s, mask=s_ok, other=0) != 0) & (pos <= p)
+            if window > 0:
+                see = see & (pos > p - window)
+            see = see | (offs_s == slot)
+            tl.store(MASK + bkv * S + offs_s, see.to(tl.uint8), mask=s_ok)
 
 
 def append_step(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window: int = 0,
@@ -360,46 +374,54 @@ def append_step(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos, 
     in one kernel: what model.Attention.forward_heads and cache.LayerCache.update do between the
     projection and the attention, for keys stored rotated (original positions):
 
+        slot = the lowest free slot, unless given                           (cache.LayerCache.free_slots)
         q, k = rope(q), rope(k);  K[slot], V[slot], pos[slot], valid[slot] = k, v, position, position >= 0
         mask = (valid & pos <= position [& pos > position - window]) | (slot == own slot)   (cache.Call.mask)
 
     q (B, Hkv, G, 1, D), k, v (B, Hkv, 1, D) (any strides: views of the projection); angles (cos, sin)
-    (B, 1, 1, D) fp32 (model.rotary_angles); slots (B, Hkv, 1) (any strides); positions (B, 1). The
-    cache's k, v (B, Hkv, S, D), pos, valid (B, Hkv, S) are written in place. -> q rotated (B, Hkv, G,
-    1, D) and the mask (B, Hkv, 1, S) bool. Rotary as model.apply_rotary: fp32, rounded once. block_s:
-    mask slots a program (a power of 2; default up to 1,024). The twin: append_step_reference."""
+    (B, 1, 1, D) fp32 (model.rotary_angles); slots (B, Hkv, 1) (any strides), or None: each row's lowest
+    free slot (slot 0 where none is free), found in the kernel; positions (B, 1). The cache's k, v (B,
+    Hkv, S, D), pos, valid (B, Hkv, S) are written in place. -> q rotated (B, Hkv, G, 1, D), the mask
+    (B, Hkv, 1, S) bool and the slots (B, Hkv, 1) (those given, or found). Rotary as model.apply_rotary:
+    fp32, rounded once. block_s: mask slots a program (a power of 2; default up to 1,024). The twin:
+    append_step_reference."""
     B, Hkv, G, T, D = q.shape
     assert T == 1, "append_step takes one new token per sequence"
     cos, sin = angles
-    q_out, mask = launch_op(torch.ops.kv_fast.append_step, _append_launch)(
-        q[:, :, :, 0], k[:, :, 0], v[:, :, 0], cos.reshape(B, D), sin.reshape(B, D), slots[..., 0], positions.reshape(B),
-        cache_k, cache_v, cache_pos, cache_valid, window, block_s or min(1024, triton.next_power_of_2(cache_k.shape[2])))
-    return q_out.view(B, Hkv, G, 1, D), mask.view(B, Hkv, 1, -1)
+    q_out, mask, found = launch_op(torch.ops.kv_fast.append_step, _append_launch)(
+        q[:, :, :, 0], k[:, :, 0], v[:, :, 0], cos.reshape(B, D), sin.reshape(B, D),
+        None if slots is None else slots[..., 0], positions.reshape(B), cache_k, cache_v, cache_pos, cache_valid, window,
+        block_s or min(1024, triton.next_power_of_2(cache_k.shape[2])))
+    return q_out.view(B, Hkv, G, 1, D), mask.view(B, Hkv, 1, -1), found.view(B, Hkv, 1) if slots is None else slots
 
 
 def _append_launch(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window: int,
                    block_s: int):
-    """append_step's launch: q (B, Hkv, G, D), k, v (B, Hkv, D), cos, sin (B, D), slots (B, Hkv),
-    positions (B,) -> q rotated (B*Hkv, G, D), mask (B*Hkv, S) bool."""
+    """append_step's launch: q (B, Hkv, G, D), k, v (B, Hkv, D), cos, sin (B, D), slots (B, Hkv) or None,
+    positions (B,) -> q rotated (B*Hkv, G, D), mask (B*Hkv, S) bool, the slots found (B*Hkv,) int64
+    (with slots None; else (0,))."""
     B, Hkv, G, D = q.shape
     S = cache_k.shape[2]
     assert cache_k.is_contiguous() and cache_v.is_contiguous() and cache_pos.is_contiguous() and cache_valid.is_contiguous()
     q_out = torch.empty(B * Hkv, G, D, device=q.device, dtype=q.dtype)
     mask = torch.empty(B * Hkv, S, device=q.device, dtype=torch.bool)
-    _append_kernel[(B * Hkv, triton.cdiv(S, block_s))](
-        q, k, v, cos.contiguous(), sin.contiguous(), slots, positions.contiguous(), cache_k, cache_v, cache_pos,
-        cache_valid.view(torch.uint8), mask.view(torch.uint8), q_out, S, Hkv, window, q.stride(0), q.stride(1),
-        q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1), D, slots.stride(0), slots.stride(1),
-        G=G, G_PAD=triton.next_power_of_2(G), D=D, BLOCK_S=block_s, PDL=pdl(q.device),
-        num_warps=4, **launch_options(q))
-    return q_out, mask
+    find = slots is None
+    found = torch.empty(B * Hkv if find else 0, device=q.device, dtype=torch.int64)
+    at = found if find else slots
+    _append_kernel[(B * Hkv, 1 if find else triton.cdiv(S, block_s))](
+        q, k, v, cos.contiguous(), sin.contiguous(), at, positions.contiguous(), cache_k, cache_v, cache_pos,
+        cache_valid.view(torch.uint8), mask.view(torch.uint8), q_out, found, S, Hkv, window, q.stride(0), q.stride(1),
+        q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1), D, 0 if find else slots.stride(0),
+        0 if find else slots.stride(1), G=G, G_PAD=triton.next_power_of_2(G), D=D, BLOCK_S=block_s, FIND_SLOT=find,
+        PDL=pdl(q.device), num_warps=4, **launch_options(q))
+    return q_out, mask, found
 
 
 if triton is not None:
     @torch.library.custom_op("kv_fast::append_step", mutates_args=("cache_k", "cache_v", "cache_pos", "cache_valid"),
-                             schema="(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor slots,"
+                             schema="(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor? slots,"
                                     " Tensor positions, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor(c!) cache_pos,"
-                                    " Tensor(d!) cache_valid, int window, int block_s) -> (Tensor, Tensor)")
+                                    " Tensor(d!) cache_valid, int window, int block_s) -> (Tensor, Tensor, Tensor)")
     def _append_op(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window, block_s):
         return _append_launch(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window,
                               block_s)
@@ -407,16 +429,22 @@ if triton is not None:
     @_append_op.register_fake
     def _(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window, block_s):
         B, Hkv, G, D = q.shape
-        return q.new_empty(B * Hkv, G, D), q.new_empty(B * Hkv, cache_k.shape[2], dtype=torch.bool)
+        return (q.new_empty(B * Hkv, G, D), q.new_empty(B * Hkv, cache_k.shape[2], dtype=torch.bool),
+                q.new_empty(B * Hkv if slots is None else 0, dtype=torch.int64))
 
 
 def append_step_reference(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window: int = 0):
-    """The slow twin of append_step: model.apply_rotary, the index_put writes of
-    cache.LayerCache.update and cache.Call.mask, as the reference path runs them."""
+    """The slow twin of append_step: cache.LayerCache.free_slots' lowest free slot (slots None),
+    model.apply_rotary, the index_put writes of cache.LayerCache.update and cache.Call.mask, as the
+    reference path runs them."""
     from cache import Call  # the reference's own (this module imports neither otherwise)
     from model import apply_rotary
 
     B, Hkv, G, _, D = q.shape
+    S = cache_k.shape[2]
+    if slots is None:  # as cache.LayerCache.free_slots for one token: the free slot of lowest index ranks highest
+        free_rank = torch.where(cache_valid, -1, S - torch.arange(S, device=q.device))
+        slots = free_rank.argmax(dim=-1, keepdim=True)  # (B, Hkv, 1); none free: slot 0 (the first of equals)
     cos, sin = angles
     q, k = apply_rotary(q, cos[:, :, None], sin[:, :, None]), apply_rotary(k, cos, sin)
     at = (torch.arange(B, device=q.device)[:, None, None], torch.arange(Hkv, device=q.device)[None, :, None], slots)
@@ -426,7 +454,7 @@ def append_step_reference(q, k, v, angles, slots, positions, cache_k, cache_v, c
     cache_pos.index_put_(at, pos)
     cache_valid.index_put_(at, pos >= 0)
     call = Call(cache_k, cache_v, cache_pos, pos, positions, slots, cache_pos, cache_valid, window)
-    return q, call.mask(0, 1)
+    return q, call.mask(0, 1), slots
 
 # -- prefill: column sums of a causal attention ------------------------------------------------
 

@@ -57,13 +57,15 @@ def test_decode_attention_equals_the_explicit_softmax(seed, B, Hkv, G, S, D, kee
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4]),
        S=st.integers(1, 300), D=st.sampled_from([16, 32, 64]), window=st.sampled_from([0, 1, 7, 100]),
-       full=st.booleans(), block_s=st.sampled_from([None, 16, 128]))
-def test_append_step_equals_rotary_the_cache_write_and_the_mask(seed, B, Hkv, G, S, D, window, full, block_s):
+       slot=st.sampled_from(["given", "full", "found"]), block_s=st.sampled_from([None, 16, 128]),
+       held=st.sampled_from([0.7, 1.0]))
+def test_append_step_equals_rotary_the_cache_write_and_the_mask(seed, B, Hkv, G, S, D, window, slot, block_s, held):
     """The decode step's new token through kernels.append_step against the reference written out here:
     model.apply_rotary on q and k, element by element writes into the slots, and cache.Call.mask's
     closed form (held, at or before the row's position, inside the window; the own slot always). q, k,
     v are views into one projected row (as model.Attention.heads makes them); the slot is each head's
-    own (evicting policies) or the position itself broadcast over heads (`full`); the position may be
+    own (evicting policies), the position itself broadcast over heads (`full`), or found by the kernel
+    (the lowest free slot; slot 0 when every slot is held); the position may be
     older than held keys (so the mask drops them) or negative (left padding: stored, not held); the mask
     in one program a row or in blocks of slots (block_s)."""
     import model
@@ -73,18 +75,20 @@ def test_append_step_equals_rotary_the_cache_write_and_the_mask(seed, B, Hkv, G,
     k = qkv[..., Hkv * G * D:(Hkv * G + Hkv) * D].view(B, 1, Hkv, D).transpose(1, 2)  # (B, Hkv, 1, D)
     v = qkv[..., (Hkv * G + Hkv) * D:].view(B, 1, Hkv, D).transpose(1, 2)
     positions = torch.randint(-2, 2 * S, (B, 1), generator=g).to(DEVICE)
-    if full:
+    if slot == "full":
         positions = torch.randint(0, S, (B, 1), generator=g).to(DEVICE)
         slots = positions[:, None, :].expand(B, Hkv, 1)
-    else:
+    elif slot == "given":
         slots = torch.randint(0, S, (B, Hkv, 1), generator=g).to(DEVICE)
+    else:
+        slots = None
     angles = model.rotary_angles(positions, model.Config(dim=D, n_heads=1, n_kv_heads=1, rope_theta=500.0))
     cache_k, cache_v = (torch.randn(B, Hkv, S, D, generator=g).to(DEVICE, DTYPE) for _ in range(2))
     cache_pos = torch.randint(-1, 2 * S, (B, Hkv, S), generator=g).to(DEVICE)
-    cache_valid = (torch.rand(B, Hkv, S, generator=g) < 0.7).to(DEVICE)
+    cache_valid = (torch.rand(B, Hkv, S, generator=g) < held).to(DEVICE)
     want = [t.clone() for t in (cache_k, cache_v, cache_pos, cache_valid)]
     twin = [t.clone() for t in want]
-    q_rot, mask = kernels.append_step(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos, cache_valid,
+    q_rot, mask, slots_used = kernels.append_step(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos, cache_valid,
                                       window, block_s)
     cos, sin = angles  # (B, 1, 1, D)
     q_want, k_rot = model.apply_rotary(q, cos[:, :, None], sin[:, :, None]), model.apply_rotary(k, cos, sin)
@@ -92,7 +96,9 @@ def test_append_step_equals_rotary_the_cache_write_and_the_mask(seed, B, Hkv, G,
     for b in range(B):
         p = int(positions[b, 0])
         for h in range(Hkv):
-            s = int(slots[b, h, 0])
+            free = [j for j in range(S) if not want[3][b, h, j]]
+            s = int(slots[b, h, 0]) if slots is not None else (free[0] if free else 0)
+            assert int(slots_used[b, h, 0]) == s
             want[0][b, h, s], want[1][b, h, s], want[2][b, h, s], want[3][b, h, s] = k_rot[b, h, 0], v[b, h, 0], p, p >= 0
             for j in range(S):
                 held, kp = bool(want[3][b, h, j]), int(want[2][b, h, j])
@@ -103,8 +109,8 @@ def test_append_step_equals_rotary_the_cache_write_and_the_mask(seed, B, Hkv, G,
     assert torch.equal(cache_v, want[1]) and torch.equal(cache_pos, want[2]) and torch.equal(cache_valid, want[3])
     assert torch.equal(mask.cpu(), mask_want)
     # the twin (append_step_reference), from the same cache, writes the same and gives the same
-    q_twin, mask_twin = kernels.append_step_reference(q, k, v, angles, slots, positions, *twin, window)
-    assert torch.equal(mask_twin, mask) and all(torch.equal(a, b) for a, b in zip(twin, want))
+    q_twin, mask_twin, slots_twin = kernels.append_step_reference(q, k, v, angles, slots, positions, *twin, window)
+    assert torch.equal(slots_twin, slots_used) and torch.equal(mask_twin, mask) and all(torch.equal(a, b) for a, b in zip(twin, want))
     torch.testing.assert_close(q_twin, q_rot, rtol=1.6e-2 if DEVICE == "cuda" else 1e-6, atol=ATOL / 10)
 
 
@@ -199,14 +205,16 @@ def test_kernels_under_torch_compile_launch_through_their_custom_ops():
 
     def step(x, r, q, k, v, mask):
         new = kernels.append_step(q, k[:, :, :1], v[:, :, :1], angles, positions[:, None].expand(1, 2, 1), positions,
-                                  *cache)
-        return kernels.linear_rows(x, w, None, gain, 1e-5, r, glu=True), *kernels.decode_attention(q, k, v, mask), *new
+                                  *cache)[:2]
+        found = kernels.append_step(q, k[:, :, :1], v[:, :, :1], angles, None, positions, *cache)[2]  # the lowest free: 0
+        return kernels.linear_rows(x, w, None, gain, 1e-5, r, glu=True), *kernels.decode_attention(q, k, v, mask), *new, found
     torch._dynamo.reset()
-    rows, out, probs, q_new, mask_new = torch.compile(step, backend=backend, fullgraph=True)(x, r, q, k, v, mask)
+    rows, out, probs, q_new, mask_new, found = torch.compile(step, backend=backend, fullgraph=True)(x, r, q, k, v, mask)
     assert {"kv_fast.linear_rows", "kv_fast.decode_attention", "kv_fast.append_step"} <= set(traced)
     assert torch.equal(q_new, q) and torch.equal(cache[1][:, :, 3], v[:, :, 0])
     assert torch.equal(cache[2][0, :, 3], positions[0].expand(2))
     assert mask_new[..., 3].all() and not mask_new[..., :3].any() and cache[3][..., 3].all()  # only its own slot
+    assert found.shape == (1, 2, 1) and not found.any() and cache[3][..., 0].all()  # then slot 0, found
     assert not any("triton" in t for t in traced)  # no kernel traced into: each launch is its op's
     assert rows.shape == (1, 1, 24) and out.shape == (1, 2, 3, 1, 16) and probs.shape == (1, 2, 3, 1, 70)
     torch.testing.assert_close(rows.float(), kernels.linear_rows_reference(x, w, None, gain, 1e-5, r, True).float(),
