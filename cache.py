@@ -136,7 +136,8 @@ class LayerCache:
         self.v.index_put_(at, v)
         self.pos.index_put_(at, pos)
         self.valid.index_put_(at, pos >= 0)
-        return self.new_call(k, v, positions, slots)
+        self.start_state(k, v, slots)
+        return self.new_call(positions, slots)
 
     def make_room(self, B: int, positions: torch.Tensor) -> torch.Tensor:
         """Storage for a call of B sequences' tokens at positions (B, T) -> (B, Hkv, T) the slots they go to."""
@@ -146,25 +147,30 @@ class LayerCache:
             self.resize(self.owner.capacity)
         return self.free_slots(positions)
 
-    def new_call(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> Call:
-        """After the new tokens' keys and values (B, Hkv, T, D) went into `slots` (B, Hkv, T): their
-        policy state starts afresh, and the call's view of the layer, with the policy's sums at 0."""
+    def start_state(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """The new tokens' policy state starts afresh (policies.token_state) in their slots (B, Hkv, T);
+        k, v (B, Hkv, T, D) their keys and values."""
         B, H, T, _ = v.shape
         at = (torch.arange(B, device=v.device)[:, None, None], torch.arange(H, device=v.device)[None, :, None], slots)
         for name, t in policies.token_state(self.policy, k, v, self.owner.score_dtype).items():
-            self.state[name].index_put_(at, t)  # each new token's state starts afresh
+            self.state[name].index_put_(at, t)
+
+    def new_call(self, positions: torch.Tensor, slots: torch.Tensor) -> Call:
+        """After the new tokens at positions (B, T) went into `slots` (B, Hkv, T): the call's view of
+        the layer, with the policy's sums at 0."""
+        B, H, T = slots.shape
         pos = positions[:, None, :].expand(B, H, T)  # (B, Hkv, T)
         key_pos, query_pos = self.pos, pos
         if self.rotate_on_read:  # StreamingLLM: a key's position is its rank among the held keys
             big = torch.iinfo(torch.long).max
             order = torch.where(self.valid, self.pos, big).argsort(dim=-1, stable=True)
-            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(self.capacity, device=v.device).expand_as(order))
+            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(self.capacity, device=slots.device).expand_as(order))
             key_pos, query_pos = rank, rank.gather(-1, slots)
         call = Call(self.k, self.v, key_pos, query_pos, positions, slots, self.pos, self.valid, self.owner.cfg.window)
         if self.policy.scored:
-            call.sums["update"] = torch.zeros(B, H, self.capacity, device=v.device, dtype=self.owner.score_dtype)
+            call.sums["update"] = torch.zeros(B, H, self.capacity, device=slots.device, dtype=self.owner.score_dtype)
         if self.policy.mean:
-            call.sums["seen"] = torch.zeros(B, H, self.capacity, device=v.device, dtype=self.owner.score_dtype)
+            call.sums["seen"] = torch.zeros(B, H, self.capacity, device=slots.device, dtype=self.owner.score_dtype)
         return call
 
     def observe(self, call: Call, probs: torch.Tensor | None, mask: torch.Tensor, r0: int, r1: int) -> None:

@@ -32,6 +32,11 @@ EVICT_CHUNK: int | None = None
 # writes, one kernel fewer a layer. Past it (a long cache, few programs) and with 0: free_slots' own kernel.
 FIND_SLOT = 8192
 
+# A decode step's new token's policy state (policies.token_state) starts in its slot inside the eviction
+# (LayerCache.evict's `fresh`), not by start_state's scatter before the attention: one kernel fewer a scored
+# layer. False: start_state (to time the two side by side).
+START_IN_EVICT = True
+
 
 def evict_one(prio, pos, valid, budget, packed: bool | None = None, chunk: int | None = None):
     """The decode-step twin of cache.keep_top for one new token: at most one eviction per head,
@@ -84,7 +89,8 @@ class LayerCache(reference.LayerCache):
         """The decode step's twin of rotary, update and Call.mask (model.Attention.forward_heads) for
         keys stored rotated, in one kernel (kernels.append_step), the free slot found there too where
         FIND_SLOT allows. q (B, Hkv, G, 1, D), k, v (B, Hkv, 1, D) as projected; positions (B, 1);
-        angles their rotary (cos, sin). -> q rotated, the call (as update's) and its mask (B, Hkv, 1, S)."""
+        angles their rotary (cos, sin). -> q rotated, the call (as update's), its mask (B, Hkv, 1, S) and
+        the new token's policy state for evict to start (START_IN_EVICT; else start_state writes it here: {})."""
         B = k.shape[0]
         o = self.owner
         find = (FIND_SLOT and not (self.policy.keep_all and not o.padded) and B == o.batch
@@ -92,7 +98,23 @@ class LayerCache(reference.LayerCache):
         slots = None if find else self.make_room(B, positions)  # (B, Hkv, 1)
         q, mask, slots = kernels.append_step(q, k, v, angles, slots, positions, self.k, self.v, self.pos, self.valid,
                                              window)
-        return q, self.new_call(k, v, positions, slots), mask  # (token_state reads the values only: k unrotated is fine)
+        fresh = {}  # (policies.token_state reads the values only: k unrotated is fine)
+        if START_IN_EVICT:
+            fresh = policies.token_state(self.policy, k, v, self.owner.score_dtype)  # {name: (B, Hkv, 1)}
+        else:
+            self.start_state(k, v, slots)
+        return q, self.new_call(positions, slots), mask, fresh
+
+    def evict(self, call: reference.Call, fresh: dict | None = None) -> None:
+        """cache.LayerCache.evict, once the new token's policy state `fresh` ({name: (B, Hkv, 1)}, from
+        append; what start_state writes) is in its slot: written as a select over the slots, so that the
+        compiled step computes it in the eviction's kernel (nothing reads the new token's state before:
+        observe reads the probabilities alone), where start_state's scatter is a kernel of its own."""
+        if fresh:
+            own = call.slots == torch.arange(self.capacity, device=call.slots.device)  # (B, Hkv, S): one new token
+            for name, t in fresh.items():
+                self.state[name].copy_(torch.where(own, t, self.state[name]))
+        super().evict(call)
 
     def write_prompt(self, k, v, pos, keep, state, idx) -> None:
         """A first call's tokens, ranked (rank_prompt), written into slots 0.. in text order, as the

@@ -105,13 +105,14 @@ class Attention(reference.Attention):
 
     def forward_heads(self, q, k, v, positions, angles, layer_cache=None):
         """model.Attention.forward_heads; in a decode step (append_applies) the new token's rotary,
-        its write into the cache and the mask in one kernel (fast.cache.LayerCache.append)."""
+        its write into the cache and the mask in one kernel (fast.cache.LayerCache.append), the new token's
+        policy state started in the eviction (fast.cache.LayerCache.evict)."""
         if not append_applies(q, angles, layer_cache):
             return super().forward_heads(q, k, v, positions, angles, layer_cache)
-        q, call, mask = layer_cache.append(q, k, v, positions, angles, self.cfg.window)
+        q, call, mask, fresh = layer_cache.append(q, k, v, positions, angles, self.cfg.window)
         out, probs = self.attend(q, call.keys, call.values, mask, layer_cache.needs_probs)
         layer_cache.observe(call, probs, mask, 0, 1)
-        layer_cache.evict(call)
+        layer_cache.evict(call, fresh)
         return out
 
     def prompt(self, x, positions, angles, layer_cache, weights, first=None) -> tuple[torch.Tensor, Prompt]:

@@ -11,6 +11,11 @@ and each variant's speed against the first. The variants (--ab):
     fused   neither of the two, then both
     split   decode_attention's keys a program (kernels.decode_split) forced to 64, 128, 256
     split32 64 and 32 keys a program, the merge in the split pass up to 16,384 floats (kernels.MERGE_ELEMENTS)
+    scored  the free slot (an argmax kernel) and the new token's state (a scatter kernel) apart; the slot found
+            by the append kernel (fast.cache.FIND_SLOT); and the state started in the eviction too
+            (fast.cache.START_IN_EVICT)
+
+--profile: also the top CUDA kernels of 5 steps of each variant (torch.profiler over the graph's replays).
 
     python scripts/pdl_ab.py [--ab pdl] [--models smollm2,llama7b] [--context 1024] [--steps 100] [--turns 7]
 """
@@ -41,7 +46,11 @@ AB = {"pdl": {"launched one by one": {(fast.kernels, "PDL"): False, (fast.step, 
                   for n in (64, 32)},
       "fused": {"neither": {(fast.model, "APPEND"): False, (fast.kernels, "MERGE_ELEMENTS"): 0},
                 "append kernel and merge": {(fast.model, "APPEND"): True,
-                                            (fast.kernels, "MERGE_ELEMENTS"): fast.kernels.MERGE_ELEMENTS}}}
+                                            (fast.kernels, "MERGE_ELEMENTS"): fast.kernels.MERGE_ELEMENTS}},
+      "scored": {"slot and state apart": {(fast.cache, "FIND_SLOT"): 0, (fast.cache, "START_IN_EVICT"): False},
+                 "slot in append": {(fast.cache, "FIND_SLOT"): fast.cache.FIND_SLOT, (fast.cache, "START_IN_EVICT"): False},
+                 "slot in append, state in evict": {(fast.cache, "FIND_SLOT"): fast.cache.FIND_SLOT,
+                                                    (fast.cache, "START_IN_EVICT"): True}}}
 
 
 def main():
@@ -53,6 +62,7 @@ def main():
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--turns", type=int, default=7)
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, batch 1, {args.context} tokens of prompt")
@@ -100,6 +110,14 @@ def row(m, name, policy_name, variants, args):
                 b.record()
                 torch.cuda.synchronize()
                 ms[variant].append(a.elapsed_time(b) / args.steps)
+        if args.profile:
+            for variant, (step, nxt) in steps.items():
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        nxt = step(nxt)[:, -1:].argmax(-1)
+                    torch.cuda.synchronize()
+                print(f"## {name} {policy_name}: {variant}, 5 steps")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
     med = {v: statistics.median(t) for v, t in ms.items()}
     first = med[next(iter(variants))]
     return (f"| {name} | {policy_name} | " + " | ".join(f"{t:.3f}" for t in med.values()) + " | " +
