@@ -31,9 +31,9 @@
 #                                           decode_attention's merge in its split pass: neither, both, the merge alone)
 #   bash scripts/gpu_issue18.sh merge       scripts/pdl_ab.py --ab merge: decode_attention's merge after its split pass,
 #                                           then in it; the GPU tests of the decode kernel
-#   bash scripts/gpu_issue18.sh scored      scripts/pdl_ab.py --ab scored --profile (the free slot and the new token's
-#                                           state apart, in the append kernel, in the eviction), 7B and SmolLM2; then
-#                                           scripts/host_probe.py --prefill (each prefill row's host ops)
+#   bash scripts/gpu_issue18.sh scored      scripts/pdl_ab.py --ab scored2 / scored --profile (the free slot and the new
+#                                           token's state apart, in the append kernel, in the eviction), 7B and SmolLM2
+#   bash scripts/gpu_issue18.sh prefill-host  scripts/host_probe.py --prefill (each prefill row's host ops)
 #   bash scripts/gpu_issue18.sh final       this checkout's targets-smollm2 (with transformers') and targets-7b-short,
 #                                           the landed main's full 1k rows of both models beside them (one call)
 #   bash scripts/gpu_issue18.sh final-long  the GPU tests of test_kernels and test_fast, then targets-7b-long
@@ -158,13 +158,15 @@ merge)  # decode_attention's merge: a kernel after the split pass, then in it (k
   timeout 100 python -m pytest -x -m gpu tests/test_kernels.py -k "merge or decode" 2>&1 | tail -n 4 | tee $OUT/r/gpu-tests.log
   ;;
 scored)  # the scored step's free slot and new token's state: apart, the slot in the append kernel, the state in the
-  # eviction too (scripts/pdl_ab.py --ab scored, with profiles), 7B at 2k (budget 1024) and SmolLM2 at 1k (256);
-  # then the prefill's host side (scripts/host_probe.py --prefill)
-  timeout 260 python scripts/pdl_ab.py --ab scored --models llama7b --policies h2o,vatp --budget 1024 --context 2048 \
+  # eviction too (scripts/pdl_ab.py --ab scored2 / scored, with profiles), 7B at 2k (budget 1024), SmolLM2 at 1k (256)
+  timeout 250 python scripts/pdl_ab.py --ab scored2 --models llama7b --policies h2o --budget 1024 --context 2048 \
     --turns 5 --profile 2>&1 | quiet > $OUT/r/scored-ab-7b.log
-  timeout 150 python scripts/pdl_ab.py --ab scored --models smollm2 --policies a2sf,h2o --profile 2>&1 | quiet \
+  grep -h "^|\|^# " $OUT/r/scored-ab-7b.log
+  timeout 150 python scripts/pdl_ab.py --ab scored --models smollm2 --policies a2sf --profile 2>&1 | quiet \
     > $OUT/r/scored-ab-smollm2.log
-  grep -h "^|" $OUT/r/scored-ab-*.log
+  grep -h "^|\|^# " $OUT/r/scored-ab-smollm2.log
+  ;;
+prefill-host)  # each prefill row's host ops (scripts/host_probe.py --prefill)
   timeout 120 python scripts/host_probe.py --prefill 2>&1 | quiet > $OUT/r/host-probe.log
   grep "^##" $OUT/r/host-probe.log
   ;;

@@ -14,6 +14,7 @@ and each variant's speed against the first. The variants (--ab):
     scored  the free slot (an argmax kernel) and the new token's state (a scatter kernel) apart; the slot found
             by the append kernel (fast.cache.FIND_SLOT); and the state started in the eviction too
             (fast.cache.START_IN_EVICT)
+    scored2 the first and last of `scored`
 
 --profile: also the top CUDA kernels of 5 steps of each variant (torch.profiler over the graph's replays).
 
@@ -50,7 +51,10 @@ AB = {"pdl": {"launched one by one": {(fast.kernels, "PDL"): False, (fast.step, 
       "scored": {"slot and state apart": {(fast.cache, "FIND_SLOT"): 0, (fast.cache, "START_IN_EVICT"): False},
                  "slot in append": {(fast.cache, "FIND_SLOT"): fast.cache.FIND_SLOT, (fast.cache, "START_IN_EVICT"): False},
                  "slot in append, state in evict": {(fast.cache, "FIND_SLOT"): fast.cache.FIND_SLOT,
-                                                    (fast.cache, "START_IN_EVICT"): True}}}
+                                                    (fast.cache, "START_IN_EVICT"): True}},
+      "scored2": {"slot and state apart": {(fast.cache, "FIND_SLOT"): 0, (fast.cache, "START_IN_EVICT"): False},
+                  "slot in append, state in evict": {(fast.cache, "FIND_SLOT"): fast.cache.FIND_SLOT,
+                                                     (fast.cache, "START_IN_EVICT"): True}}}
 
 
 def main():
@@ -97,6 +101,7 @@ def row(m, name, policy_name, variants, args):
             for _ in range(4):  # compile, then capture (PDL is read at the capture: the launches are recorded)
                 nxt = step(nxt.clone())[:, -1].argmax(-1)[:, None]
             steps[variant] = (step, nxt)
+            print(f"# {name} {policy_name}: {variant} captured", flush=True)
         for (module, setting), value in defaults.items():
             setattr(module, setting, value)
         ms = {v: [] for v in variants}
