@@ -22,6 +22,8 @@ and each variant's speed against the first. The variants (--ab):
 """
 
 import argparse
+import faulthandler
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -52,6 +54,7 @@ AB = {"pdl": {"launched one by one": {(fast.kernels, "PDL"): False, (fast.step, 
                  "slot in append": {(fast.cache, "FIND_SLOT"): fast.cache.FIND_SLOT, (fast.cache, "START_IN_EVICT"): False},
                  "slot in append, state in evict": {(fast.cache, "FIND_SLOT"): fast.cache.FIND_SLOT,
                                                     (fast.cache, "START_IN_EVICT"): True}},
+      "slot": {"slot in append": {(fast.cache, "FIND_SLOT"): fast.cache.FIND_SLOT, (fast.cache, "START_IN_EVICT"): False}},
       "scored2": {"slot and state apart": {(fast.cache, "FIND_SLOT"): 0, (fast.cache, "START_IN_EVICT"): False},
                   "slot in append, state in evict": {(fast.cache, "FIND_SLOT"): fast.cache.FIND_SLOT,
                                                      (fast.cache, "START_IN_EVICT"): True}}}
@@ -68,6 +71,8 @@ def main():
     ap.add_argument("--turns", type=int, default=7)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    if os.environ.get("HANG_S"):  # where a stalled run stands (the Python stacks), then exit
+        faulthandler.dump_traceback_later(int(os.environ["HANG_S"]), exit=True)
     device = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, batch 1, {args.context} tokens of prompt")
     variants = AB[args.ab]
