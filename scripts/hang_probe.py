@@ -1,4 +1,5 @@
-"""Where the append kernel's found slot stalls on CUDA (a diagnostic)."""
+"""Where a streaming prompt fed token by token stalls on CUDA with the append kernel's found slot (a diagnostic):
+SmolLM2 shape, random weights, a2sf budget 256, 300 tokens eagerly, under each setting."""
 import faulthandler
 import sys
 import time
@@ -7,29 +8,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-faulthandler.dump_traceback_later(60, exit=True)
-import model  # noqa: E402
-from fast import kernels  # noqa: E402
+faulthandler.dump_traceback_later(100, exit=True)
+import bench  # noqa: E402
+import fast  # noqa: E402
+import generate  # noqa: E402
+import policies  # noqa: E402
 
-dev = "cuda"
-B, Hkv, G, S, D = 1, 2, 3, 1025, 64
-q = torch.randn(B, Hkv, G, 1, D, device=dev, dtype=torch.bfloat16)
-k, v = (torch.randn(B, Hkv, 1, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
-ck, cv = (torch.zeros(B, Hkv, S, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
-cp = torch.full((B, Hkv, S), -1, device=dev)
-cval = torch.zeros(B, Hkv, S, dtype=torch.bool, device=dev)
-cval[..., :700] = True
-positions = torch.tensor([[900]], device=dev)
-angles = model.rotary_angles(positions, model.Config(dim=D, n_heads=1, n_kv_heads=1))
-for pdl in (False, None):
-    kernels.PDL = pdl
+m, _ = bench.build_model("smollm2", torch.device("cuda"), torch.bfloat16, weights="random")
+tokens = torch.randint(0, m.cfg.vocab_size, (1, 300), device="cuda")
+p = policies.make_policy("a2sf", 256)
+for find, pdl, merge in [(0, False, 8192), (8192, False, 8192), (8192, False, 0), (8192, None, 8192)]:
+    fast.cache.FIND_SLOT, fast.kernels.PDL, fast.kernels.MERGE_ELEMENTS = find, pdl, merge
+    cache = fast.KVCache(m.cfg, p, 256, batch=1, device="cuda", dtype=m.dtype, max_len=400)
     t = time.time()
-    print("eager", pdl, flush=True)
-    out = kernels.append_step(q, k, v, angles, None, positions, ck, cv, cp, cval)
-    torch.cuda.synchronize()
-    print("  found", out[2].flatten().tolist(), f"{time.time() - t:.1f}s", flush=True)
-    f = torch.compile(lambda *a: kernels.append_step(*a), fullgraph=True)
-    t = time.time()
-    out = f(q, k, v, angles, None, positions, ck, cv, cp, cval)
-    torch.cuda.synchronize()
-    print("  compiled found", out[2].flatten().tolist(), f"{time.time() - t:.1f}s", flush=True)
+    with torch.no_grad():
+        for n in (260, 300):
+            generate.feed(m, tokens[:, :n], cache, last_only=True) if n == 260 else \
+                generate.feed(m, tokens[:, 260:n], cache, last_only=True)
+            torch.cuda.synchronize()
+            print(f"find {find} pdl {pdl} merge {merge}: {n} tokens in {time.time() - t:.1f}s,"
+                  f" held {cache.layers[0].valid.sum().item()}", flush=True)
