@@ -99,7 +99,7 @@ def row(m, name, policy_name, variants, args):
             torch._dynamo.reset()
             for (module, setting), value in settings.items():
                 setattr(module, setting, value)
-            cache = fast.KVCache(m.cfg, p, budget, batch=1, device="cuda", dtype=m.dtype,
+            cache = fast.KVCache(m.cfg, p, budget, batch=1, device="cuda", dtype=m.dtype, mode="prefill",
                                  max_len=args.context + args.steps * (args.turns + 1) + 16)
             nxt = generate.feed(m, tokens, cache, last_only=True)[:, -1].argmax(-1)[:, None]
             step = fast.compile_decode(m, cache, dynamic=False)
