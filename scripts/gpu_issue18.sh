@@ -33,6 +33,7 @@
 #                                           then in it; the GPU tests of the decode kernel
 #   bash scripts/gpu_issue18.sh scored      scripts/pdl_ab.py --ab scored2 / scored --profile (the free slot and the new
 #                                           token's state apart, in the append kernel, in the eviction), 7B and SmolLM2
+#   bash scripts/gpu_issue18.sh evict-chunk pdl_ab.py --ab chunk (7B h2o, a2sf at 2k), --ab slot (7B full at 1k), GPU tests
 #   bash scripts/gpu_issue18.sh prefill-host  scripts/host_probe.py --prefill (each prefill row's host ops)
 #   bash scripts/gpu_issue18.sh final       this checkout's targets-smollm2 (with transformers') and targets-7b-short,
 #                                           the landed main's full 1k rows of both models beside them (one call)
@@ -165,6 +166,15 @@ scored)  # the scored step's free slot and new token's state: apart, the slot in
   timeout 150 python scripts/pdl_ab.py --ab scored --models smollm2 --policies a2sf --profile 2>&1 | quiet \
     > $OUT/r/scored-ab-smollm2.log
   grep -h "^|\|^# " $OUT/r/scored-ab-smollm2.log
+  ;;
+evict-chunk)  # the eviction's reduction split over chunks (pdl_ab --ab chunk), 7B at 2k (budget 1024); full at 1k
+  # as it is, in the same call; then the GPU tests of test_kernels and test_fast
+  timeout 200 python scripts/pdl_ab.py --ab chunk --models llama7b --policies h2o,a2sf --budget 1024 --context 2048 \
+    --turns 5 2>&1 | quiet | grep "^|\|^# [A-Z]\|Error" | tee $OUT/r/chunk-ab-7b.log
+  timeout 90 python scripts/pdl_ab.py --ab slot --models llama7b --policies full --context 1024 --turns 5 2>&1 | quiet \
+    | grep "^|\|Error" | tee -a $OUT/r/chunk-ab-7b.log
+  timeout ${TESTS_TIMEOUT:-200} python -m pytest -x -m gpu tests/test_kernels.py tests/test_fast.py 2>&1 | tail -n 4 \
+    | tee $OUT/r/gpu-tests.log
   ;;
 prefill-host)  # each prefill row's host ops (scripts/host_probe.py --prefill)
   timeout 120 python scripts/host_probe.py --prefill 2>&1 | quiet > $OUT/r/host-probe.log
