@@ -6,8 +6,9 @@
 - the prompt's twin: a first call into an empty fast.KVCache attends with the fused causal kernel,
   takes the policy's score update from the kernel's log-sum-exp (kernels.column_sums), ranks many
   layers at once (fast.cache.rank_prompt) and writes only the kept tokens;
-- in a decode step, the new token's rotary, its write into the cache and the step's mask as one
-  kernel (kernels.append_step; Attention.forward_heads, fast.cache.LayerCache.append);
+- in a decode step, the new token's free slot, rotary, its write into the cache and the step's mask
+  as one kernel (kernels.append_step; Attention.forward_heads, fast.cache.LayerCache.append), and its
+  policy state started inside the eviction (fast.cache.LayerCache.evict);
 - in a decode step of one sequence, each projection one kernel with its neighbours
   (kernels.linear_rows): the norm into wqkv and w_gate_up (and the final one into lm_head), the
   residual add into wo and w_down, SwiGLU into w_gate_up (Block.forward, Transformer.head);
