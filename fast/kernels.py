@@ -407,7 +407,7 @@ def _append_launch(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_
     mask = torch.empty(B * Hkv, S, device=q.device, dtype=torch.bool)
     find = slots is None
     found = torch.empty(B * Hkv if find else 0, device=q.device, dtype=torch.int64)
-    at = found if find else slots
+    at = found if find else slots  # (SLOTS is not read when the kernel finds the slot)
     _append_kernel[(B * Hkv, 1 if find else triton.cdiv(S, block_s))](
         q, k, v, cos.contiguous(), sin.contiguous(), at, positions.contiguous(), cache_k, cache_v, cache_pos,
         cache_valid.view(torch.uint8), mask.view(torch.uint8), q_out, found, S, Hkv, window, q.stride(0), q.stride(1),
