@@ -409,6 +409,8 @@ def main(argv=None):
                     " with programmatic dependent launch (fast.kernels.PDL off), to time beside it")
     ap.add_argument("--no-append", action="store_true", help="the decode step's rotary, cache write and mask as torch ops"
                     " (fast.model.APPEND off), to time beside the one kernel (kernels.append_step)")
+    ap.add_argument("--no-join", action="store_true", help="the decode step's append kernel and attention kernel apart"
+                    " (fast.model.JOIN off), to time beside the two in one (kernels.append_attention)")
     args = ap.parse_args(argv)
     if args.evict_chunk is not None and args.evict_chunk < 1:
         ap.error("--evict-chunk takes a positive number of slots, e.g. 512")
@@ -416,6 +418,7 @@ def main(argv=None):
     fast.model.ROWS = not args.no_rows
     fast.kernels.PDL = False if args.no_pdl else None
     fast.model.APPEND = not args.no_append
+    fast.model.JOIN = not args.no_join
     for setting in filter(None, args.inductor.split(",")):
         key, _, value = setting.partition("=")
         if not hasattr(torch._inductor.config, key) or not value:

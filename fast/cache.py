@@ -91,19 +91,43 @@ class LayerCache(reference.LayerCache):
         FIND_SLOT allows. q (B, Hkv, G, 1, D), k, v (B, Hkv, 1, D) as projected; positions (B, 1);
         angles their rotary (cos, sin). -> q rotated, the call (as update's), its mask (B, Hkv, 1, S) and
         the new token's policy state for evict to start (START_IN_EVICT; else start_state writes it here: {})."""
-        B = k.shape[0]
+        slots = self.step_slots(k.shape[0], positions)
+        q, mask, slots = kernels.append_step(q, k, v, angles, slots, positions, self.k, self.v, self.pos, self.valid,
+                                             window)
+        return q, self.new_call(positions, slots), mask, self.fresh_state(k, v, slots)
+
+    def joins(self, q) -> bool:
+        """Whether append_attend applies to a decode step of queries q (B, Hkv, G, 1, D): kernels.join_fits
+        on the storage the step writes into (make_room's)."""
+        B, Hkv, G, _, D = q.shape
+        return kernels.join_fits(G, max(self.capacity, self.owner.capacity), D, B * Hkv)
+
+    def append_attend(self, q, k, v, positions, angles, window: int = 0):
+        """append, then the step's attention over the cache (kernels.decode_attention), in one kernel
+        (kernels.append_attention), where joins(q). Arguments as append's. -> the attention's output
+        (B, Hkv, G, 1, D) and probabilities (B, Hkv, G, 1, S) (None if the policy needs none), then the
+        call, mask and state as append's."""
+        slots = self.step_slots(k.shape[0], positions)
+        out, probs, mask, slots = kernels.append_attention(q, k, v, angles, slots, positions, self.k, self.v, self.pos,
+                                                           self.valid, window, self.needs_probs)
+        return out, probs, self.new_call(positions, slots), mask, self.fresh_state(k, v, slots)
+
+    def step_slots(self, B: int, positions: torch.Tensor) -> torch.Tensor | None:
+        """The decode step's slots (B, Hkv, 1) (make_room's), or None where the append kernel finds
+        them itself (FIND_SLOT: storage made, of at most FIND_SLOT slots, and not full's slot by position)."""
         o = self.owner
         find = (FIND_SLOT and not (self.policy.keep_all and not o.padded) and B == o.batch
                 and o.capacity == self.capacity <= FIND_SLOT)  # else make_room's checks, growth, free_slots
-        slots = None if find else self.make_room(B, positions)  # (B, Hkv, 1)
-        q, mask, slots = kernels.append_step(q, k, v, angles, slots, positions, self.k, self.v, self.pos, self.valid,
-                                             window)
-        fresh = {}  # (policies.token_state reads the values only: k unrotated is fine)
+        return None if find else self.make_room(B, positions)
+
+    def fresh_state(self, k, v, slots) -> dict:
+        """The new token's policy state {name: (B, Hkv, 1)} for evict to start (START_IN_EVICT); else
+        start_state writes it into its slots now, and {}. (policies.token_state reads the values only:
+        k unrotated is fine.)"""
         if START_IN_EVICT:
-            fresh = policies.token_state(self.policy, k, v, self.owner.score_dtype)  # {name: (B, Hkv, 1)}
-        else:
-            self.start_state(k, v, slots)
-        return q, self.new_call(positions, slots), mask, fresh
+            return policies.token_state(self.policy, k, v, self.owner.score_dtype)
+        self.start_state(k, v, slots)
+        return {}
 
     def evict(self, call: reference.Call, fresh: dict | None = None) -> None:
         """cache.LayerCache.evict, once the new token's policy state `fresh` ({name: (B, Hkv, 1)}, from

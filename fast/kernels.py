@@ -91,7 +91,10 @@ if triton is not None:
                        S, n_split, scale_log2: tl.constexpr,
                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_SCORES: tl.constexpr, MERGE: tl.constexpr,
-                       G_P2: tl.constexpr, N_PAD: tl.constexpr, PDL: tl.constexpr):
+                       G_P2: tl.constexpr, N_PAD: tl.constexpr, PDL: tl.constexpr,
+                       K_NEW, V_NEW, COS, SIN, SLOTS, QPOS, POS, VALID, SLOT_OUT, Hkv, window,
+                       sq_b, sq_h, sq_g, sk_b, sk_h, sv_b, sv_h, sc_b, ss_b, ss_h,
+                       APPEND: tl.constexpr, FIND_SLOT: tl.constexpr, BLOCK_S: tl.constexpr):
         """One program: one KV head of one sequence (its G query heads) over keys
         [split * SPLIT, (split + 1) * SPLIT). Q (B*Hkv, G, D); K, V (B*Hkv, S, D); MASK (B*Hkv, S);
         writes SCORES (B*Hkv, G, S) in log2 units (-inf where masked) if WRITE_SCORES, and per split
@@ -101,7 +104,12 @@ if triton is not None:
         once, into OUT, M_OUT, L_OUT), instead of a kernel after (_combine_kernel): each program counts
         itself in COUNT (B*Hkv,) int32 (an atomic add, acquire-release: its partial results are visible
         to whoever counts after it), and the one that counts n_split merges and sets the count back to 0
-        (the split-K "serial reduction" of GEMM libraries)."""
+        (the split-K "serial reduction" of GEMM libraries).
+        APPEND (with MERGE): the decode step's new token too, as _append_kernel takes it (K_NEW .. ss_h, with Q
+        the projected queries by their strides): each program finds or loads the slot, rotates q and the new
+        key itself, attends to the new key and value in place of the slot's, and writes its keys' mask into
+        MASK; the merging program, which counts after every other program has read the cache, writes the
+        token into K, V, POS, VALID (and its slot into SLOT_OUT). One kernel for append_step and this one."""
         if PDL:  # everything it reads the kernels before it wrote (q, the cache, the mask)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -110,7 +118,17 @@ if triton is not None:
         offs_g = tl.arange(0, G_PAD)  # query rows, padded to a tensor-core tile (G_PAD = 1 for G = 1)
         offs_d = tl.arange(0, D)
         g_ok = offs_g < G
-        q = tl.load(Q + bkv * G * D + offs_g[:, None] * D + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+        if APPEND:  # the new token's slot, position, rotated query rows, key and value
+            b = bkv // Hkv
+            h = bkv % Hkv
+            p_new = tl.load(QPOS + b)  # its position
+            slot = _step_slot(VALID, SLOTS, bkv, b, h, S, ss_b, ss_h, BLOCK_S, FIND_SLOT)
+            q, k_new, v_new = _step_rotary(Q, K_NEW, V_NEW, COS, SIN, b, h, sq_b, sq_h, sq_g, sk_b, sk_h, sv_b, sv_h,
+                                           sc_b, offs_g[:, None], g_ok[:, None], D)
+            q = q.to(K.dtype.element_ty)  # rounded once, as append_step's
+            k_new = k_new.to(K.dtype.element_ty)
+        else:
+            q = tl.load(Q + bkv * G * D + offs_g[:, None] * D + offs_d[None, :], mask=g_ok[:, None], other=0.0)
         if G == 1:
             q = q.to(tl.float32)
         m = tl.full((G_PAD,), float("-inf"), tl.float32)
@@ -121,7 +139,14 @@ if triton is not None:
             n_ok = offs_n < S
             k = tl.load(K + bkv * S * D + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0.0)
             v = tl.load(V + bkv * S * D + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            keep = tl.load(MASK + bkv * S + offs_n, mask=n_ok, other=0) != 0
+            if APPEND:  # the new token in its slot (written to memory only once every program has read)
+                own = (offs_n == slot)[:, None]
+                k = tl.where(own, k_new[None, :], k)
+                v = tl.where(own, v_new[None, :], v)
+                keep = _step_mask(POS, VALID, bkv, S, offs_n, n_ok, p_new, slot, window)
+                tl.store(MASK + bkv * S + offs_n, keep.to(tl.uint8), mask=n_ok)
+            else:
+                keep = tl.load(MASK + bkv * S + offs_n, mask=n_ok, other=0) != 0
             if G == 1:  # one query row (multi-head attention): a product and a sum, no 16-row padded tile
                 s = tl.sum(q * k, 1)[None, :] * scale_log2  # (1, BLOCK_N)
             else:
@@ -147,6 +172,10 @@ if triton is not None:
             tl.debug_barrier()  # every thread's partial results stored before the count (which releases them)
             if tl.atomic_add(COUNT + bkv, 1, sem="acq_rel") == n_split - 1:  # the last: all the others' are visible
                 _merge_rows(M_PART, L_PART, ACC_PART, OUT, M_OUT, L_OUT, bkv * G, n_split, G, G_P2, D, N_PAD)
+                if APPEND:  # every program has read the cache: the new token goes in
+                    _step_write(K, V, POS, VALID, bkv, S, slot, p_new, k_new, v_new, offs_d, D)
+                    if FIND_SLOT:
+                        tl.store(SLOT_OUT + bkv, slot)
                 tl.store(COUNT + bkv, 0)  # back to 0 for the next call
 
 
@@ -218,6 +247,16 @@ def _counts(device, n: int) -> torch.Tensor:
     return have[:n]
 
 
+def decode_config(S: int, heads: int, G: int) -> list[int]:
+    """decode_attention's launch for S keys of `heads` = B * Hkv KV heads of G query rows each:
+    (SPLIT, BLOCK_N, num_warps, num_stages)."""
+    SPLIT = decode_split(S, heads)
+    # one query row a KV head (G = 1, multi-head attention): 2 warps a program (on the 7B shape, 1k to 8k
+    # keys, the four fastest configs all run 2, the fastest 4% to 13% under 4 warps); grouped rows: 4
+    # (scripts/decode_probe.py, results/targets_h200x2/decode-probe.log)
+    return [SPLIT, min(SPLIT, 64 if G <= 16 else 32), 2 if G == 1 else 4, 3]
+
+
 def decode_attention(q, k, v, mask, need_probs: bool = True, config=None, merge: bool | None = None):
     """The decode step's attention with its probabilities, one pass over the keys.
 
@@ -230,15 +269,17 @@ def decode_attention(q, k, v, mask, need_probs: bool = True, config=None, merge:
     B, Hkv, G, T, D = q.shape
     S = k.shape[2]
     assert T == 1, "decode_attention takes one row per sequence"
-    SPLIT = decode_split(S, B * Hkv)
-    BLOCK_N = min(SPLIT, 64 if G <= 16 else 32)
-    # one query row a KV head (G = 1, multi-head attention): 2 warps a program (on the 7B shape, 1k to 8k
-    # keys, the four fastest configs all run 2, the fastest 4% to 13% under 4 warps); grouped rows: 4
-    # (scripts/decode_probe.py, results/targets_h200x2/decode-probe.log)
-    config = list(config or (SPLIT, BLOCK_N, 2 if G == 1 else 4, 3))  # (SPLIT, BLOCK_N, num_warps, num_stages)
+    config = list(config or decode_config(S, B * Hkv, G))
     scores, m, l, out = launch_op(torch.ops.kv_fast.decode_attention, _decode_launch)(
         q.reshape(B * Hkv, G, D), k, v, mask.reshape(B * Hkv, S), need_probs, config,
         merge if merge is not None else merge_fits(G, -(-S // config[0]), D))
+    return _decode_results(out, scores, m, l, q.shape, S, need_probs)
+
+
+def _decode_results(out, scores, m, l, shape, S: int, need_probs: bool):
+    """The split pass's results as model.attend returns them: out (B, Hkv, G, 1, D) and the probabilities
+    (B, Hkv, G, 1, S) (or None), exp2(scores - m) / l."""
+    B, Hkv, G, _, D = shape
     out = out.view(B, Hkv, G, 1, D)
     if not need_probs:
         return out, None
@@ -246,13 +287,16 @@ def decode_attention(q, k, v, mask, need_probs: bool = True, config=None, merge:
     return out, probs.view(B, Hkv, G, 1, S)
 
 
-def _decode_launch(q, k, v, mask, need_probs: bool, config: list[int], merge: bool):
+def _decode_launch(q, k, v, mask, need_probs: bool, config: list[int], merge: bool, step=None):
     """decode_attention's launches: the split pass over the keys, then the merge of the splits
     (FlashAttention's rescaling, one program per query row), in the split pass's last program with
     `merge`. q (B*Hkv, G, D); k, v (B, Hkv, S, D); mask (B*Hkv, S) bool -> scores (B*Hkv, G, S, or 1
     without need_probs) in log2 units, each row's max m and sum l (B*Hkv*G,) fp32, out (B*Hkv*G, D)
-    in v's dtype."""
-    BHkv, G, D = q.shape
+    in v's dtype. step: append_attention's (the new token too: _decode_kernel's APPEND): q then the
+    projected rows (B, Hkv, G, D) by strides, mask the (B*Hkv, S) mask to write, and step = (the kernel's
+    arguments K_NEW .. ss_h, FIND_SLOT, BLOCK_S)."""
+    G, D = q.shape[-2:]
+    BHkv = q.shape[:-2].numel()
     S = k.shape[2]
     SPLIT, BLOCK_N, warps, stages = config
     n_split = triton.cdiv(S, SPLIT)
@@ -266,11 +310,16 @@ def _decode_launch(q, k, v, mask, need_probs: bool, config: list[int], merge: bo
     out = torch.empty(BHkv * G, D, device=q.device, dtype=v.dtype)
     m, l = torch.empty(BHkv * G, device=q.device, dtype=f32), torch.empty(BHkv * G, device=q.device, dtype=f32)
     count = _counts(q.device, BHkv) if merge else m  # (unread without merge)
+    if step is None:
+        q, mask = q.contiguous(), mask.contiguous().view(torch.uint8)
+        args, find, block_s = (q,) * 9 + (0,) * 12, False, 16  # (K_NEW .. ss_h: unread)
+    else:
+        args, find, block_s = step
     _decode_kernel[(BHkv, n_split)](
-        q.contiguous(), k.contiguous(), v.contiguous(), mask.contiguous().view(torch.uint8), scores, m_part, l_part,
-        acc_part, count, out, m, l, S, n_split, LOG2E / math.sqrt(D), G=G, G_PAD=G_PAD, D=D, SPLIT=SPLIT,
-        BLOCK_N=BLOCK_N, WRITE_SCORES=need_probs, MERGE=merge, G_P2=triton.next_power_of_2(G), N_PAD=N_PAD, PDL=on,
-        num_warps=warps, num_stages=stages, **launch_options(q))
+        q, k.contiguous(), v.contiguous(), mask, scores, m_part, l_part, acc_part, count, out, m, l, S, n_split,
+        LOG2E / math.sqrt(D), G, G_PAD, D, SPLIT, BLOCK_N, need_probs, merge, triton.next_power_of_2(G), N_PAD, on,
+        *args, APPEND=step is not None, FIND_SLOT=find, BLOCK_S=block_s, num_warps=warps, num_stages=stages,
+        **launch_options(q))
     if not merge:
         _combine_kernel[(BHkv * G,)](m_part, l_part, acc_part, out, m, l, n_split, D=D, N_PAD=N_PAD, PDL=on,
                                     **launch_options(q))
@@ -316,8 +365,7 @@ if triton is not None:
         position. Writes the token in: K[slot] = rotary(k), V[slot] = v, POS[slot] = position,
         VALID[slot] = position >= 0 (K, V (B*Hkv, S, D), POS, VALID (B*Hkv, S)); the rotated queries
         into Q_OUT (B*Hkv, G, D); and the row's mask into MASK (B*Hkv, S): (valid & pos <= position
-        [& pos > position - window]) | own slot, cache.Call.mask, BLOCK_S slots at a time. The mask may
-        read POS and VALID at the own slot before or after the write: either way the slot is on (its own).
+        [& pos > position - window]) | own slot, cache.Call.mask, BLOCK_S slots at a time (_step_mask).
         FIND_SLOT: the slot is the row's lowest free one (not VALID; slot 0 if none: the argmax of
         fast.cache.LayerCache.free_slots), found here and written to SLOT_OUT (B*Hkv,); then the row is one
         program, which scans VALID before it writes anything. Else SLOTS gives it, and each program of the
@@ -329,43 +377,73 @@ if triton is not None:
         b = bkv // Hkv
         h = bkv % Hkv
         p = tl.load(QPOS + b)
-        if FIND_SLOT:  # the lowest slot not held, S if none
+        slot = _step_slot(VALID, SLOTS, bkv, b, h, S, ss_b, ss_h, BLOCK_S, FIND_SLOT)
+        if FIND_SLOT:
+            tl.store(SLOT_OUT + bkv, slot)
+        if tl.program_id(1) == 0:  # the first program of the row writes the token in and rotates the queries
+            offs_d = tl.arange(0, D)
+            offs_g = tl.arange(0, G_PAD)
+            g_ok = (offs_g < G)[:, None]
+            q, k, v = _step_rotary(Q, K_NEW, V_NEW, COS, SIN, b, h, sq_b, sq_h, sq_g, sk_b, sk_h, sv_b, sv_h, sc_b,
+                                   offs_g[:, None], g_ok, D)
+            _step_write(K, V, POS, VALID, bkv, S, slot, p, k.to(K.dtype.element_ty), v, offs_d, D)
+            tl.store(Q_OUT + (bkv * G + offs_g[:, None]) * D + offs_d[None, :], q.to(Q_OUT.dtype.element_ty), mask=g_ok)
+        for s0 in range(tl.program_id(1) * BLOCK_S, S, tl.num_programs(1) * BLOCK_S):  # this program's blocks of the mask
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            s_ok = offs_s < S
+            see = _step_mask(POS, VALID, bkv, S, offs_s, s_ok, p, slot, window)
+            tl.store(MASK + bkv * S + offs_s, see.to(tl.uint8), mask=s_ok)
+
+    @triton.jit
+    def _step_slot(VALID, SLOTS, bkv, b, h, S, ss_b, ss_h, BLOCK_S: tl.constexpr, FIND_SLOT: tl.constexpr):
+        """The new token's slot in row bkv: with FIND_SLOT the lowest one not VALID (slot 0 if none: the
+        argmax of fast.cache.LayerCache.free_slots), scanned BLOCK_S slots at a time; else SLOTS[b, h]."""
+        if FIND_SLOT:
             slot = S
             for s0 in range(0, S, BLOCK_S):
                 offs = s0 + tl.arange(0, BLOCK_S)
                 free = tl.load(VALID + bkv * S + offs, mask=offs < S, other=1) == 0
                 slot = tl.minimum(slot, tl.min(tl.where(free, offs, S), 0))
             slot = tl.where(slot == S, 0, slot).to(tl.int64)
-            tl.store(SLOT_OUT + bkv, slot)
         else:
             slot = tl.load(SLOTS + b * ss_b + h * ss_h)
-        if tl.program_id(1) == 0:  # the first program of the row writes the token in and rotates the queries
-            offs_d = tl.arange(0, D)
-            partner = (offs_d + D // 2) % D  # rotate_half(x) = (-x2, x1): element i takes i + D/2 (mod D), signed
-            sign = tl.where(offs_d < D // 2, -1.0, 1.0)
-            cos = tl.load(COS + b * sc_b + offs_d)
-            sin = tl.load(SIN + b * sc_b + offs_d)
-            k_new = K_NEW + b * sk_b + h * sk_h
-            k = tl.load(k_new + offs_d).to(tl.float32) * cos + (tl.load(k_new + partner).to(tl.float32) * sign) * sin
-            tl.store(K + (bkv * S + slot) * D + offs_d, k.to(K.dtype.element_ty))
-            tl.store(V + (bkv * S + slot) * D + offs_d, tl.load(V_NEW + b * sv_b + h * sv_h + offs_d))
-            tl.store(POS + bkv * S + slot, p)
-            tl.store(VALID + bkv * S + slot, (p >= 0).to(tl.uint8))
-            offs_g = tl.arange(0, G_PAD)
-            g_ok = (offs_g < G)[:, None]
-            q_in = Q + b * sq_b + h * sq_h + offs_g[:, None] * sq_g
-            q = tl.load(q_in + offs_d[None, :], mask=g_ok, other=0.0).to(tl.float32) * cos[None, :]
-            q += (tl.load(q_in + partner[None, :], mask=g_ok, other=0.0).to(tl.float32) * sign[None, :]) * sin[None, :]
-            tl.store(Q_OUT + (bkv * G + offs_g[:, None]) * D + offs_d[None, :], q.to(Q_OUT.dtype.element_ty), mask=g_ok)
-        for s0 in range(tl.program_id(1) * BLOCK_S, S, tl.num_programs(1) * BLOCK_S):  # this program's blocks of the mask
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            s_ok = offs_s < S
-            pos = tl.load(POS + bkv * S + offs_s, mask=s_ok, other=0)
-            see = (tl.load(VALID + bkv * S + offs_s, mask=s_ok, other=0) != 0) & (pos <= p)
-            if window > 0:
-                see = see & (pos > p - window)
-            see = see | (offs_s == slot)
-            tl.store(MASK + bkv * S + offs_s, see.to(tl.uint8), mask=s_ok)
+        return slot
+
+    @triton.jit
+    def _step_rotary(Q, K_NEW, V_NEW, COS, SIN, b, h, sq_b, sq_h, sq_g, sk_b, sk_h, sv_b, sv_h, sc_b, rows, rows_ok,
+                     D: tl.constexpr):
+        """The new token's query rows `rows` (R, 1) (rows_ok: those that exist) and its key rotated
+        (model.apply_rotary in fp32: x cos + rotate_half(x) sin), and its value. -> q (R, D), k (D,) fp32, v (D,)."""
+        offs_d = tl.arange(0, D)
+        partner = (offs_d + D // 2) % D  # rotate_half(x) = (-x2, x1): element i takes i + D/2 (mod D), signed
+        sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+        cos = tl.load(COS + b * sc_b + offs_d)
+        sin = tl.load(SIN + b * sc_b + offs_d)
+        k_new = K_NEW + b * sk_b + h * sk_h
+        k = tl.load(k_new + offs_d).to(tl.float32) * cos + (tl.load(k_new + partner).to(tl.float32) * sign) * sin
+        q_in = Q + b * sq_b + h * sq_h + rows * sq_g
+        q = tl.load(q_in + offs_d[None, :], mask=rows_ok, other=0.0).to(tl.float32) * cos[None, :]
+        q += (tl.load(q_in + partner[None, :], mask=rows_ok, other=0.0).to(tl.float32) * sign[None, :]) * sin[None, :]
+        return q, k, tl.load(V_NEW + b * sv_b + h * sv_h + offs_d)
+
+    @triton.jit
+    def _step_write(K, V, POS, VALID, bkv, S, slot, p, k, v, offs_d, D: tl.constexpr):
+        """The new token into its slot of row bkv: K[slot] = k, V[slot] = v, POS[slot] = p, VALID[slot] = p >= 0."""
+        tl.store(K + (bkv * S + slot) * D + offs_d, k)
+        tl.store(V + (bkv * S + slot) * D + offs_d, v)
+        tl.store(POS + bkv * S + slot, p)
+        tl.store(VALID + bkv * S + slot, (p >= 0).to(tl.uint8))
+
+    @triton.jit
+    def _step_mask(POS, VALID, bkv, S, offs_s, s_ok, p, slot, window):
+        """The mask of row bkv's slots offs_s for the new token at position p in `slot` (cache.Call.mask):
+        (valid & pos <= p [& pos > p - window]) | own slot. POS and VALID may be read at the own slot before
+        or after the token's write: either way that slot is on (its own)."""
+        pos = tl.load(POS + bkv * S + offs_s, mask=s_ok, other=0)
+        see = (tl.load(VALID + bkv * S + offs_s, mask=s_ok, other=0) != 0) & (pos <= p)
+        if window > 0:
+            see = see & (pos > p - window)
+        return see | (offs_s == slot)
 
 
 def append_step(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window: int = 0,
@@ -455,6 +533,82 @@ def append_step_reference(q, k, v, angles, slots, positions, cache_k, cache_v, c
     cache_valid.index_put_(at, pos >= 0)
     call = Call(cache_k, cache_v, cache_pos, pos, positions, slots, cache_pos, cache_valid, window)
     return q, call.mask(0, 1), slots
+
+# -- decode: append_step and decode_attention in one kernel ---------------------------------------
+
+def join_fits(G: int, S: int, D: int, heads: int) -> bool:
+    """Whether append_attention applies: the decode kernel's last program a KV head merges its splits
+    (merge_fits), and so can write the new token in once every program has read the cache."""
+    return triton is not None and merge_fits(G, -(-S // decode_split(S, heads)), D)
+
+
+def append_attention(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window: int = 0,
+                     need_probs: bool = True, config=None):
+    """append_step, then decode_attention over the cache, in one kernel (_decode_kernel's APPEND): each
+    program of the split pass finds (or is given) the slot, rotates q and the new key, and attends to the
+    new token in place of its slot's; the merging program writes the token in (join_fits must hold).
+    Arguments as append_step's, need_probs and config as decode_attention's. -> out (B, Hkv, G, 1, D),
+    probs (B, Hkv, G, 1, S) fp32 or None, the mask (B, Hkv, 1, S) and the slots (B, Hkv, 1). The twin:
+    append_attention_reference."""
+    B, Hkv, G, T, D = q.shape
+    S = cache_k.shape[2]
+    assert T == 1 and join_fits(G, S, D, B * Hkv), "append_attention takes one new token, where join_fits"
+    cos, sin = angles
+    scores, m, l, out, mask, found = launch_op(torch.ops.kv_fast.append_attention, _append_attention_launch)(
+        q[:, :, :, 0], k[:, :, 0], v[:, :, 0], cos.reshape(B, D), sin.reshape(B, D),
+        None if slots is None else slots[..., 0], positions.reshape(B), cache_k, cache_v, cache_pos, cache_valid, window,
+        need_probs, list(config or decode_config(S, B * Hkv, G)))
+    out, probs = _decode_results(out, scores, m, l, q.shape, S, need_probs)
+    return out, probs, mask.view(B, Hkv, 1, S), found.view(B, Hkv, 1) if slots is None else slots
+
+
+def _append_attention_launch(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid,
+                             window: int, need_probs: bool, config: list[int]):
+    """append_attention's launch: arguments as _append_launch's -> scores, m, l, out (as _decode_launch's),
+    the mask (B*Hkv, S) bool and the slots found (B*Hkv,) int64 (with slots None; else (0,))."""
+    B, Hkv, G, D = q.shape
+    S = cache_k.shape[2]
+    assert cache_k.is_contiguous() and cache_v.is_contiguous() and cache_pos.is_contiguous() and cache_valid.is_contiguous()
+    mask = torch.empty(B * Hkv, S, device=q.device, dtype=torch.bool)
+    find = slots is None
+    found = torch.empty(B * Hkv if find else 0, device=q.device, dtype=torch.int64)
+    at = found if find else slots  # (SLOTS is not read when the kernel finds the slot)
+    args = (k, v, cos.contiguous(), sin.contiguous(), at, positions.contiguous(), cache_pos, cache_valid.view(torch.uint8),
+            found, Hkv, window, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            D, 0 if find else slots.stride(0), 0 if find else slots.stride(1))
+    step = (args, find, min(1024, triton.next_power_of_2(S)))
+    return (*_decode_launch(q, cache_k, cache_v, mask.view(torch.uint8), need_probs, config, True, step), mask, found)
+
+
+if triton is not None:
+    @torch.library.custom_op("kv_fast::append_attention",
+                             mutates_args=("cache_k", "cache_v", "cache_pos", "cache_valid"),
+                             schema="(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor? slots,"
+                                    " Tensor positions, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor(c!) cache_pos,"
+                                    " Tensor(d!) cache_valid, int window, bool need_probs, int[] config)"
+                                    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+    def _append_attention_op(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window,
+                             need_probs, config):
+        return _append_attention_launch(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid,
+                                        window, need_probs, config)
+
+    @_append_attention_op.register_fake
+    def _(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window, need_probs, config):
+        B, Hkv, G, D = q.shape
+        S, f32 = cache_k.shape[2], torch.float32
+        return (q.new_empty(B * Hkv, G, S if need_probs else 1, dtype=f32), q.new_empty(B * Hkv * G, dtype=f32),
+                q.new_empty(B * Hkv * G, dtype=f32), q.new_empty(B * Hkv * G, D, dtype=cache_v.dtype),
+                q.new_empty(B * Hkv, S, dtype=torch.bool), q.new_empty(B * Hkv if slots is None else 0, dtype=torch.int64))
+
+
+def append_attention_reference(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos, cache_valid,
+                               window: int = 0):
+    """The slow twin of append_attention: append_step_reference, then decode_attention_reference over
+    the cache it wrote. -> out, probs, mask, slots."""
+    q, mask, slots = append_step_reference(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos, cache_valid,
+                                           window)
+    return (*decode_attention_reference(q, cache_k, cache_v, mask), mask, slots)
+
 
 # -- prefill: column sums of a causal attention ------------------------------------------------
 

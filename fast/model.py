@@ -7,8 +7,9 @@
   takes the policy's score update from the kernel's log-sum-exp (kernels.column_sums), ranks many
   layers at once (fast.cache.rank_prompt) and writes only the kept tokens;
 - in a decode step, the new token's free slot, rotary, its write into the cache and the step's mask
-  as one kernel (kernels.append_step; Attention.forward_heads, fast.cache.LayerCache.append), and its
-  policy state started inside the eviction (fast.cache.LayerCache.evict);
+  as one kernel (kernels.append_step; Attention.forward_heads, fast.cache.LayerCache.append), that kernel
+  joined to the attention's where the attention's splits merge in its own pass (kernels.append_attention,
+  LayerCache.append_attend), and its policy state started inside the eviction (fast.cache.LayerCache.evict);
 - in a decode step of one sequence, each projection one kernel with its neighbours
   (kernels.linear_rows): the norm into wqkv and w_gate_up (and the final one into lm_head), the
   residual add into wo and w_down, SwiGLU into w_gate_up (Block.forward, Transformer.head);
@@ -80,6 +81,12 @@ def fuse_linears(owner: nn.Module, name: str, *linears: nn.Linear) -> None:
 APPEND = True
 
 
+# In a decode step the append kernel joined to the attention's (kernels.append_attention,
+# fast.cache.LayerCache.append_attend) where it applies (LayerCache.joins); False: never (bench.py --no-join,
+# to time the two side by side).
+JOIN = True
+
+
 def append_applies(q, angles, layer_cache) -> bool:
     """Whether a call's new token enters the cache through kernels.append_step: one row per sequence
     (T = 1), the kernels apply to q (CUDA, half precision), rotary positions (not OPT's learned ones),
@@ -106,12 +113,16 @@ class Attention(reference.Attention):
 
     def forward_heads(self, q, k, v, positions, angles, layer_cache=None):
         """model.Attention.forward_heads; in a decode step (append_applies) the new token's rotary,
-        its write into the cache and the mask in one kernel (fast.cache.LayerCache.append), the new token's
-        policy state started in the eviction (fast.cache.LayerCache.evict)."""
+        its write into the cache and the mask in one kernel (fast.cache.LayerCache.append), joined to the
+        attention's where it fits (JOIN, LayerCache.append_attend), the new token's policy state started in
+        the eviction (fast.cache.LayerCache.evict)."""
         if not append_applies(q, angles, layer_cache):
             return super().forward_heads(q, k, v, positions, angles, layer_cache)
-        q, call, mask, fresh = layer_cache.append(q, k, v, positions, angles, self.cfg.window)
-        out, probs = self.attend(q, call.keys, call.values, mask, layer_cache.needs_probs)
+        if JOIN and layer_cache.joins(q):  # the append and the attention: one kernel
+            out, probs, call, mask, fresh = layer_cache.append_attend(q, k, v, positions, angles, self.cfg.window)
+        else:
+            q, call, mask, fresh = layer_cache.append(q, k, v, positions, angles, self.cfg.window)
+            out, probs = self.attend(q, call.keys, call.values, mask, layer_cache.needs_probs)
         layer_cache.observe(call, probs, mask, 0, 1)
         layer_cache.evict(call, fresh)
         return out

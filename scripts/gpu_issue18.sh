@@ -34,6 +34,9 @@
 #   bash scripts/gpu_issue18.sh scored      scripts/pdl_ab.py --ab scored2 / scored --profile (the free slot and the new
 #                                           token's state apart, in the append kernel, in the eviction), 7B and SmolLM2
 #   bash scripts/gpu_issue18.sh evict-chunk pdl_ab.py --ab chunk (7B h2o, a2sf at 2k), --ab slot (7B full at 1k), GPU tests
+#   bash scripts/gpu_issue18.sh join        pdl_ab.py --ab join (the append kernel and the attention's apart, then in
+#                                           one: kernels.append_attention), SmolLM2 full and a2sf at 1k, the 7B h2o at 2k;
+#                                           targets-smollm2 (ours); the GPU tests of test_kernels and test_fast
 #   bash scripts/gpu_issue18.sh prefill-host  scripts/host_probe.py --prefill (each prefill row's host ops)
 #   bash scripts/gpu_issue18.sh final       this checkout's targets-smollm2 (with transformers') and targets-7b-short,
 #                                           the landed main's full 1k rows of both models beside them (one call)
@@ -175,6 +178,18 @@ evict-chunk)  # the eviction's reduction split over chunks (pdl_ab --ab chunk), 
     | grep "^|\|Error" | tee -a $OUT/r/chunk-ab-7b.log
   timeout ${TESTS_TIMEOUT:-200} python -m pytest -x -m gpu tests/test_kernels.py tests/test_fast.py 2>&1 | tail -n 4 \
     | tee $OUT/r/gpu-tests.log
+  ;;
+join)  # the append kernel joined to the attention's (kernels.append_attention): A/B, then the SmolLM2 plan; GPU tests
+  timeout ${TESTS_TIMEOUT:-200} python -m pytest -x -m gpu tests/test_kernels.py tests/test_fast.py 2>&1 | tail -n 4 \
+    | tee $OUT/r/gpu-tests.log
+  timeout 200 python scripts/pdl_ab.py --ab join --models smollm2 --policies full,a2sf --profile 2>&1 | quiet \
+    > $OUT/r/join-ab-smollm2.log
+  grep -h "^|\|^# \|Error" $OUT/r/join-ab-smollm2.log
+  timeout 150 python bench.py --plan targets-smollm2 --no-hf --weights random --out $OUT/r/new-targets-smollm2.json 2>&1 \
+    | quiet > $OUT/r/new-targets-smollm2.log
+  grep -h "^| [sl]\|Error" $OUT/r/new-targets-smollm2.log | grep -v "^| *Name"
+  timeout 200 python scripts/pdl_ab.py --ab join --models llama7b --policies h2o,vatp --budget 1024 --context 2048 \
+    --turns 5 2>&1 | quiet | grep "^|\|^# [A-Z]\|Error" | tee $OUT/r/join-ab-7b.log
   ;;
 prefill-host)  # each prefill row's host ops (scripts/host_probe.py --prefill)
   timeout 120 python scripts/host_probe.py --prefill 2>&1 | quiet > $OUT/r/host-probe.log

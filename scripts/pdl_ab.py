@@ -17,6 +17,7 @@ and each variant's speed against the first. The variants (--ab):
     scored2 the first and last of `scored`
     state   the new token's state by start_state's scatter, then in the eviction (fast.cache.START_IN_EVICT)
     slot    as it is (one variant: a row's ms a step)
+    join    the append kernel and the attention's apart, then in one (fast.model.JOIN, kernels.append_attention)
     chunk   the one-victim eviction as one reduction a KV head, then over chunks of 256 and 512 slots
             (fast.cache.EVICT_CHUNK)
 
@@ -58,6 +59,8 @@ AB = {"pdl": {"launched one by one": {(fast.kernels, "PDL"): False, (fast.step, 
                  "slot in append": {(fast.cache, "FIND_SLOT"): fast.cache.FIND_SLOT, (fast.cache, "START_IN_EVICT"): False},
                  "slot in append, state in evict": {(fast.cache, "FIND_SLOT"): fast.cache.FIND_SLOT,
                                                     (fast.cache, "START_IN_EVICT"): True}},
+      "join": {"append and attention apart": {(fast.model, "JOIN"): False},
+               "append and attention in one": {(fast.model, "JOIN"): True}},
       "chunk": {f"eviction chunk {c}": {(fast.cache, "EVICT_CHUNK"): c} for c in (None, 256, 512)},
       "state": {"state by start_state": {(fast.cache, "START_IN_EVICT"): False},
                 "state in evict": {(fast.cache, "START_IN_EVICT"): True}},

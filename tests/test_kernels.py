@@ -115,6 +115,47 @@ def test_append_step_equals_rotary_the_cache_write_and_the_mask(seed, B, Hkv, G,
     torch.testing.assert_close(q_twin, q_rot, rtol=1.6e-2 if DEVICE == "cuda" else 1e-6, atol=ATOL / 10)
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4]),
+       S=st.integers(1, 300), D=st.sampled_from([16, 32, 64]), window=st.sampled_from([0, 7, 100]),
+       slot=st.sampled_from(["given", "found"]), held=st.sampled_from([0.7, 1.0]), need_probs=st.booleans())
+def test_append_attention_equals_the_append_then_the_attention(seed, B, Hkv, G, S, D, window, slot, held, need_probs):
+    """append_step and decode_attention in one kernel (kernels.append_attention): the same cache writes,
+    mask and slots as the append's twin, then the same output and probabilities as the explicit softmax over
+    the cache it wrote (kernels.append_attention_reference), though every program reads the cache before
+    the token is written (the split holding the slot attends to it from registers); over many splits
+    (S up to 300 keys), the slot given or found, the position older than held keys or negative."""
+    import model
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, 1, (Hkv * G + 2 * Hkv) * D, generator=g).to(DEVICE, DTYPE)
+    q = qkv[..., :Hkv * G * D].view(B, 1, Hkv, G, D).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, 1, D), strided
+    k = qkv[..., Hkv * G * D:(Hkv * G + Hkv) * D].view(B, 1, Hkv, D).transpose(1, 2)  # (B, Hkv, 1, D)
+    v = qkv[..., (Hkv * G + Hkv) * D:].view(B, 1, Hkv, D).transpose(1, 2)
+    positions = torch.randint(-2, 2 * S, (B, 1), generator=g).to(DEVICE)
+    slots = torch.randint(0, S, (B, Hkv, 1), generator=g).to(DEVICE) if slot == "given" else None
+    angles = model.rotary_angles(positions, model.Config(dim=D, n_heads=1, n_kv_heads=1, rope_theta=500.0))
+    cache = [torch.randn(B, Hkv, S, D, generator=g).to(DEVICE, DTYPE) for _ in range(2)]
+    cache += [torch.randint(-1, 2 * S, (B, Hkv, S), generator=g).to(DEVICE),
+              (torch.rand(B, Hkv, S, generator=g) < held).to(DEVICE)]
+    twin = [t.clone() for t in cache]
+    assert kernels.join_fits(G, S, D, B * Hkv)
+    config = kernels.decode_config(S, B * Hkv, G)
+    config[:2] = [16, 16]  # 16 keys a program: up to 19 splits
+    out, probs, mask, slots_used = kernels.append_attention(q, k, v, angles, slots, positions, *cache, window, need_probs,
+                                                            config)
+    ref_out, ref_probs, ref_mask, ref_slots = kernels.append_attention_reference(q, k, v, angles, slots, positions,
+                                                                                 *twin, window)
+    assert torch.equal(slots_used, ref_slots) and torch.equal(mask, ref_mask)
+    assert torch.equal(cache[1], twin[1]) and torch.equal(cache[2], twin[2]) and torch.equal(cache[3], twin[3])
+    torch.testing.assert_close(cache[0], twin[0], rtol=1.6e-2 if DEVICE == "cuda" else 1e-6, atol=ATOL / 10)
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=0, atol=ATOL)
+    if need_probs:
+        torch.testing.assert_close(probs, ref_probs, rtol=0, atol=ATOL / 10)
+    else:
+        assert probs is None
+    assert not kernels._counts(q.device, B * Hkv).any()  # every count back to 0
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.sampled_from([1, 3]),
        T=st.integers(1, 200), D=st.sampled_from([16, 32]),
@@ -208,10 +249,22 @@ def test_kernels_under_torch_compile_launch_through_their_custom_ops():
         new = kernels.append_step(q, k[:, :, :1], v[:, :, :1], angles, positions[:, None].expand(1, 2, 1), positions,
                                   *cache)[:2]
         found = kernels.append_step(q, k[:, :, :1], v[:, :, :1], angles, None, positions, *cache)[2]  # the lowest free: 0
-        return kernels.linear_rows(x, w, None, gain, 1e-5, r, glu=True), *kernels.decode_attention(q, k, v, mask), *new, found
+        joined = kernels.append_attention(q, k[:, :, 1:2], v[:, :, 1:2], angles, None, positions + 1, *cache)  # slot 1
+        return (kernels.linear_rows(x, w, None, gain, 1e-5, r, glu=True), *kernels.decode_attention(q, k, v, mask), *new,
+                found, joined)
     torch._dynamo.reset()
-    rows, out, probs, q_new, mask_new, found = torch.compile(step, backend=backend, fullgraph=True)(x, r, q, k, v, mask)
-    assert {"kv_fast.linear_rows", "kv_fast.decode_attention", "kv_fast.append_step"} <= set(traced)
+    rows, out, probs, q_new, mask_new, found, joined = torch.compile(step, backend=backend, fullgraph=True)(x, r, q, k, v,
+                                                                                                         mask)
+    assert {"kv_fast.linear_rows", "kv_fast.decode_attention", "kv_fast.append_step",
+            "kv_fast.append_attention"} <= set(traced)
+    # the joined call: slot 1 found (0 and 3 held, at position 3); it sees those two and its own (position 4), and
+    # attends over them as the explicit softmax does over the cache it wrote
+    j_out, j_probs, j_mask, j_slots = joined
+    assert j_slots.shape == (1, 2, 1) and (j_slots == 1).all() and torch.equal(cache[2][0, :, 1], (positions[0] + 1).expand(2))
+    assert j_mask[0, :, 0].tolist() == [[True, True, False, True] + [False] * 4] * 2
+    ref_out, ref_probs = kernels.decode_attention_reference(q, cache[0], cache[1], j_mask)
+    torch.testing.assert_close(j_probs, ref_probs, rtol=0, atol=ATOL / 10)
+    torch.testing.assert_close(j_out.float(), ref_out.float(), rtol=0, atol=ATOL)
     assert torch.equal(q_new, q) and torch.equal(cache[1][:, :, 3], v[:, :, 0])
     assert torch.equal(cache[2][0, :, 3], positions[0].expand(2))
     assert mask_new[..., 3].all() and not mask_new[..., :3].any() and cache[3][..., 3].all()  # only its own slot
@@ -284,19 +337,23 @@ def kernels_on_cpu(monkeypatch):
 
 # budget 10 evicts (prompt and decode steps); 64 evicts nothing. On CUDA in bf16 a near-tie of
 # scores may break the other way, so there the scored policies run only at 64, the state compared.
-MODEL_CASES = [(p, 64 if p == "full" or (DEVICE == "cuda" and p not in ("sink", "random")) else 10)
+# (policy, budget, join): the append kernel joined to the attention's (fast.model.JOIN) for every policy,
+# and apart for two
+MODEL_CASES = [(p, 64 if p == "full" or (DEVICE == "cuda" and p not in ("sink", "random")) else 10, True)
                for p in ("h2o", "a2sf", "vatp", "tova", "snapkv", "h2o_mean", "sink", "random", "full")]
+MODEL_CASES += [(p, b, False) for p, b, _ in MODEL_CASES if p in ("h2o", "full")]
 
 
-@pytest.mark.parametrize("policy_name,budget", MODEL_CASES)
-def test_model_fast_paths_with_kernels_equal_the_reference(kernels_on_cpu, monkeypatch, policy_name, budget):
+@pytest.mark.parametrize("policy_name,budget,join", MODEL_CASES)
+def test_model_fast_paths_with_kernels_equal_the_reference(kernels_on_cpu, monkeypatch, policy_name, budget, join):
     """A prompt (prefill mode: the prompt's twin with the fused causal attention and column sums,
-    rank_prompt) then decode steps (the append kernel, the decode kernel, the fused projections of
-    fast.model.Block, evict_one, full's slot by position) on the
+    rank_prompt) then decode steps (the append kernel and the decode kernel, joined in one or apart, the
+    fused projections of fast.model.Block, evict_one, full's slot by position) on the
     fast path, against the reference model and cache (explicit softmax or SDPA, keep_top): the
     same logits, the same policy state, and the same tokens kept in every layer and head after
     every call."""
-    calls = {"decode_attention": 0, "column_sums": 0, "linear_rows": 0, "append_step": 0}
+    monkeypatch.setattr(fast.model, "JOIN", join)
+    calls = {"decode_attention": 0, "column_sums": 0, "linear_rows": 0, "append_step": 0, "append_attention": 0}
     for name in calls:
         original = getattr(kernels, name)
 
@@ -321,8 +378,10 @@ def test_model_fast_paths_with_kernels_equal_the_reference(kernels_on_cpu, monke
                 kept[i].append([c.kept_positions(layer) for layer in range(m.cfg.n_layers)])
     fast_out, slow_out = (torch.cat(o, dim=1) for o in outs)
     torch.testing.assert_close(fast_out.float(), slow_out.float(), rtol=0, atol=1e-4 if DEVICE == "cpu" else 0.1)
-    assert calls["decode_attention"] == 12 * m.cfg.n_layers  # every decode step of every layer took the kernel
-    assert calls["append_step"] == 12 * m.cfg.n_layers  # and entered the cache through the append kernel
+    # every decode step of every layer took the decode kernel and entered the cache through the append kernel
+    steps = 12 * m.cfg.n_layers
+    assert (calls["append_attention"], calls["decode_attention"], calls["append_step"]) == ((steps, 0, 0) if join else
+                                                                                          (0, steps, steps))
     # one sequence: the fused projections too, the output layer's included (two: the block's reference path)
     assert calls["linear_rows"] == (12 * (4 * m.cfg.n_layers + 1) if batch == 1 else 0)
     assert calls["column_sums"] == (m.cfg.n_layers if p.scored else 0)  # the prompt took the twin
