@@ -106,11 +106,17 @@ class LayerCache(reference.LayerCache):
         """append, then the step's attention over the cache (kernels.decode_attention), in one kernel
         (kernels.append_attention), where joins(q). Arguments as append's. -> the attention's output
         (B, Hkv, G, 1, D) and probabilities (B, Hkv, G, 1, S) (None if the policy needs none), then the
-        call, mask and state as append's."""
+        call, mask and state as append's; VATP's nu (policies.token_state's ||v||_1) from the kernel, where
+        evict starts it (START_IN_EVICT)."""
         slots = self.step_slots(k.shape[0], positions)
-        out, probs, mask, slots = kernels.append_attention(q, k, v, angles, slots, positions, self.k, self.v, self.pos,
-                                                           self.valid, window, self.needs_probs)
-        return out, probs, self.new_call(positions, slots), mask, self.fresh_state(k, v, slots)
+        fresh = self.fresh_state(k, v, slots)
+        value_l1 = "nu" in fresh and fresh["nu"].dtype == torch.float32  # VATP's nu = ||v||_1 (policies.token_state)
+        out, probs, mask, slots, nu = kernels.append_attention(q, k, v, angles, slots, positions, self.k, self.v,
+                                                               self.pos, self.valid, window, self.needs_probs,
+                                                               value_l1=value_l1)
+        if value_l1:  # computed in the kernel: no kernel of its own (token_state's reduction goes unused)
+            fresh["nu"] = nu
+        return out, probs, self.new_call(positions, slots), mask, fresh
 
     def step_slots(self, B: int, positions: torch.Tensor) -> torch.Tensor | None:
         """The decode step's slots (B, Hkv, 1) (make_room's), or None where the append kernel finds

@@ -92,9 +92,9 @@ if triton is not None:
                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_SCORES: tl.constexpr, MERGE: tl.constexpr,
                        G_P2: tl.constexpr, N_PAD: tl.constexpr, PDL: tl.constexpr,
-                       K_NEW, V_NEW, COS, SIN, SLOTS, QPOS, POS, VALID, SLOT_OUT, Hkv, window,
+                       K_NEW, V_NEW, COS, SIN, SLOTS, QPOS, POS, VALID, SLOT_OUT, NU_OUT, Hkv, window,
                        sq_b, sq_h, sq_g, sk_b, sk_h, sv_b, sv_h, sc_b, ss_b, ss_h,
-                       APPEND: tl.constexpr, FIND_SLOT: tl.constexpr, BLOCK_S: tl.constexpr):
+                       APPEND: tl.constexpr, FIND_SLOT: tl.constexpr, BLOCK_S: tl.constexpr, VALUE_L1: tl.constexpr):
         """One program: one KV head of one sequence (its G query heads) over keys
         [split * SPLIT, (split + 1) * SPLIT). Q (B*Hkv, G, D); K, V (B*Hkv, S, D); MASK (B*Hkv, S);
         writes SCORES (B*Hkv, G, S) in log2 units (-inf where masked) if WRITE_SCORES, and per split
@@ -109,7 +109,8 @@ if triton is not None:
         the projected queries by their strides): each program finds or loads the slot, rotates q and the new
         key itself, attends to the new key and value in place of the slot's, and writes its keys' mask into
         MASK; the merging program, which counts after every other program has read the cache, writes the
-        token into K, V, POS, VALID (and its slot into SLOT_OUT). One kernel for append_step and this one."""
+        token into K, V, POS, VALID (and its slot into SLOT_OUT; with VALUE_L1 its value's L1 norm into NU_OUT
+        (B*Hkv,) fp32). One kernel for append_step and this one."""
         if PDL:  # everything it reads the kernels before it wrote (q, the cache, the mask)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -176,6 +177,8 @@ if triton is not None:
                     _step_write(K, V, POS, VALID, bkv, S, slot, p_new, k_new, v_new, offs_d, D)
                     if FIND_SLOT:
                         tl.store(SLOT_OUT + bkv, slot)
+                    if VALUE_L1:  # the new value's ||v||_1 in fp32 (VATP's nu: policies.token_state)
+                        tl.store(NU_OUT + bkv, tl.sum(tl.abs(v_new.to(tl.float32)), 0))
                 tl.store(COUNT + bkv, 0)  # back to 0 for the next call
 
 
@@ -294,7 +297,7 @@ def _decode_launch(q, k, v, mask, need_probs: bool, config: list[int], merge: bo
     without need_probs) in log2 units, each row's max m and sum l (B*Hkv*G,) fp32, out (B*Hkv*G, D)
     in v's dtype. step: append_attention's (the new token too: _decode_kernel's APPEND): q then the
     projected rows (B, Hkv, G, D) by strides, mask the (B*Hkv, S) mask to write, and step = (the kernel's
-    arguments K_NEW .. ss_h, FIND_SLOT, BLOCK_S)."""
+    arguments K_NEW .. ss_h, FIND_SLOT, BLOCK_S, VALUE_L1)."""
     G, D = q.shape[-2:]
     BHkv = q.shape[:-2].numel()
     S = k.shape[2]
@@ -312,13 +315,14 @@ def _decode_launch(q, k, v, mask, need_probs: bool, config: list[int], merge: bo
     count = _counts(q.device, BHkv) if merge else m  # (unread without merge)
     if step is None:
         q, mask = q.contiguous(), mask.contiguous().view(torch.uint8)
-        args, find, block_s = (q,) * 9 + (0,) * 12, False, 16  # (K_NEW .. ss_h: unread)
+        args, find, block_s, value_l1 = (q,) * 10 + (0,) * 12, False, 16, False  # (K_NEW .. ss_h: unread)
     else:
-        args, find, block_s = step
+        args, find, block_s, value_l1 = step
     _decode_kernel[(BHkv, n_split)](
         q, k.contiguous(), v.contiguous(), mask, scores, m_part, l_part, acc_part, count, out, m, l, S, n_split,
         LOG2E / math.sqrt(D), G, G_PAD, D, SPLIT, BLOCK_N, need_probs, merge, triton.next_power_of_2(G), N_PAD, on,
-        *args, APPEND=step is not None, FIND_SLOT=find, BLOCK_S=block_s, num_warps=warps, num_stages=stages,
+        *args, APPEND=step is not None, FIND_SLOT=find, BLOCK_S=block_s, VALUE_L1=value_l1, num_warps=warps,
+        num_stages=stages,
         **launch_options(q))
     if not merge:
         _combine_kernel[(BHkv * G,)](m_part, l_part, acc_part, out, m, l, n_split, D=D, N_PAD=N_PAD, PDL=on,
@@ -543,41 +547,45 @@ def join_fits(G: int, S: int, D: int, heads: int) -> bool:
 
 
 def append_attention(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window: int = 0,
-                     need_probs: bool = True, config=None):
+                     need_probs: bool = True, config=None, value_l1: bool = False):
     """append_step, then decode_attention over the cache, in one kernel (_decode_kernel's APPEND): each
     program of the split pass finds (or is given) the slot, rotates q and the new key, and attends to the
     new token in place of its slot's; the merging program writes the token in (join_fits must hold).
     Arguments as append_step's, need_probs and config as decode_attention's. -> out (B, Hkv, G, 1, D),
-    probs (B, Hkv, G, 1, S) fp32 or None, the mask (B, Hkv, 1, S) and the slots (B, Hkv, 1). The twin:
-    append_attention_reference."""
+    probs (B, Hkv, G, 1, S) fp32 or None, the mask (B, Hkv, 1, S), the slots (B, Hkv, 1), and with
+    value_l1 the new values' ||v||_1 (B, Hkv, 1) fp32 (VATP's nu, policies.token_state: in this kernel
+    rather than one of its own), else None. The twin: append_attention_reference."""
     B, Hkv, G, T, D = q.shape
     S = cache_k.shape[2]
     assert T == 1 and join_fits(G, S, D, B * Hkv), "append_attention takes one new token, where join_fits"
     cos, sin = angles
-    scores, m, l, out, mask, found = launch_op(torch.ops.kv_fast.append_attention, _append_attention_launch)(
+    scores, m, l, out, mask, found, nu = launch_op(torch.ops.kv_fast.append_attention, _append_attention_launch)(
         q[:, :, :, 0], k[:, :, 0], v[:, :, 0], cos.reshape(B, D), sin.reshape(B, D),
         None if slots is None else slots[..., 0], positions.reshape(B), cache_k, cache_v, cache_pos, cache_valid, window,
-        need_probs, list(config or decode_config(S, B * Hkv, G)))
+        need_probs, list(config or decode_config(S, B * Hkv, G)), value_l1)
     out, probs = _decode_results(out, scores, m, l, q.shape, S, need_probs)
-    return out, probs, mask.view(B, Hkv, 1, S), found.view(B, Hkv, 1) if slots is None else slots
+    return (out, probs, mask.view(B, Hkv, 1, S), found.view(B, Hkv, 1) if slots is None else slots,
+            nu.view(B, Hkv, 1) if value_l1 else None)
 
 
 def _append_attention_launch(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid,
-                             window: int, need_probs: bool, config: list[int]):
+                             window: int, need_probs: bool, config: list[int], value_l1: bool):
     """append_attention's launch: arguments as _append_launch's -> scores, m, l, out (as _decode_launch's),
-    the mask (B*Hkv, S) bool and the slots found (B*Hkv,) int64 (with slots None; else (0,))."""
+    the mask (B*Hkv, S) bool, the slots found (B*Hkv,) int64 (with slots None; else (0,)) and the values'
+    L1 norms (B*Hkv,) fp32 (with value_l1; else (0,))."""
     B, Hkv, G, D = q.shape
     S = cache_k.shape[2]
     assert cache_k.is_contiguous() and cache_v.is_contiguous() and cache_pos.is_contiguous() and cache_valid.is_contiguous()
     mask = torch.empty(B * Hkv, S, device=q.device, dtype=torch.bool)
     find = slots is None
     found = torch.empty(B * Hkv if find else 0, device=q.device, dtype=torch.int64)
+    nu = torch.empty(B * Hkv if value_l1 else 0, device=q.device, dtype=torch.float32)
     at = found if find else slots  # (SLOTS is not read when the kernel finds the slot)
     args = (k, v, cos.contiguous(), sin.contiguous(), at, positions.contiguous(), cache_pos, cache_valid.view(torch.uint8),
-            found, Hkv, window, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            D, 0 if find else slots.stride(0), 0 if find else slots.stride(1))
-    step = (args, find, min(1024, triton.next_power_of_2(S)))
-    return (*_decode_launch(q, cache_k, cache_v, mask.view(torch.uint8), need_probs, config, True, step), mask, found)
+            found, nu, Hkv, window, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), D, 0 if find else slots.stride(0), 0 if find else slots.stride(1))
+    step = (args, find, min(1024, triton.next_power_of_2(S)), value_l1)
+    return (*_decode_launch(q, cache_k, cache_v, mask.view(torch.uint8), need_probs, config, True, step), mask, found, nu)
 
 
 if triton is not None:
@@ -585,29 +593,31 @@ if triton is not None:
                              mutates_args=("cache_k", "cache_v", "cache_pos", "cache_valid"),
                              schema="(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor? slots,"
                                     " Tensor positions, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor(c!) cache_pos,"
-                                    " Tensor(d!) cache_valid, int window, bool need_probs, int[] config)"
-                                    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+                                    " Tensor(d!) cache_valid, int window, bool need_probs, int[] config, bool value_l1)"
+                                    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
     def _append_attention_op(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window,
-                             need_probs, config):
+                             need_probs, config, value_l1):
         return _append_attention_launch(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid,
-                                        window, need_probs, config)
+                                        window, need_probs, config, value_l1)
 
     @_append_attention_op.register_fake
-    def _(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window, need_probs, config):
+    def _(q, k, v, cos, sin, slots, positions, cache_k, cache_v, cache_pos, cache_valid, window, need_probs, config,
+          value_l1):
         B, Hkv, G, D = q.shape
         S, f32 = cache_k.shape[2], torch.float32
         return (q.new_empty(B * Hkv, G, S if need_probs else 1, dtype=f32), q.new_empty(B * Hkv * G, dtype=f32),
                 q.new_empty(B * Hkv * G, dtype=f32), q.new_empty(B * Hkv * G, D, dtype=cache_v.dtype),
-                q.new_empty(B * Hkv, S, dtype=torch.bool), q.new_empty(B * Hkv if slots is None else 0, dtype=torch.int64))
+                q.new_empty(B * Hkv, S, dtype=torch.bool), q.new_empty(B * Hkv if slots is None else 0, dtype=torch.int64),
+                q.new_empty(B * Hkv if value_l1 else 0, dtype=f32))
 
 
 def append_attention_reference(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos, cache_valid,
                                window: int = 0):
     """The slow twin of append_attention: append_step_reference, then decode_attention_reference over
-    the cache it wrote. -> out, probs, mask, slots."""
-    q, mask, slots = append_step_reference(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos, cache_valid,
-                                           window)
-    return (*decode_attention_reference(q, cache_k, cache_v, mask), mask, slots)
+    the cache it wrote, and the values' ||v||_1 in fp32. -> out, probs, mask, slots, the norms (B, Hkv, 1)."""
+    q_rot, mask, slots = append_step_reference(q, k, v, angles, slots, positions, cache_k, cache_v, cache_pos,
+                                               cache_valid, window)
+    return (*decode_attention_reference(q_rot, cache_k, cache_v, mask), mask, slots, v.float().abs().sum(dim=-1))
 
 
 # -- prefill: column sums of a causal attention ------------------------------------------------

@@ -124,7 +124,8 @@ def test_append_attention_equals_the_append_then_the_attention(seed, B, Hkv, G, 
     mask and slots as the append's twin, then the same output and probabilities as the explicit softmax over
     the cache it wrote (kernels.append_attention_reference), though every program reads the cache before
     the token is written (the split holding the slot attends to it from registers); over many splits
-    (S up to 300 keys), the slot given or found, the position older than held keys or negative."""
+    (S up to 300 keys), the slot given or found, the position older than held keys or negative; and the new
+    value's L1 norm (VATP's nu) where asked."""
     import model
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(B, 1, (Hkv * G + 2 * Hkv) * D, generator=g).to(DEVICE, DTYPE)
@@ -141,10 +142,15 @@ def test_append_attention_equals_the_append_then_the_attention(seed, B, Hkv, G, 
     assert kernels.join_fits(G, S, D, B * Hkv)
     config = kernels.decode_config(S, B * Hkv, G)
     config[:2] = [16, 16]  # 16 keys a program: up to 19 splits
-    out, probs, mask, slots_used = kernels.append_attention(q, k, v, angles, slots, positions, *cache, window, need_probs,
-                                                            config)
-    ref_out, ref_probs, ref_mask, ref_slots = kernels.append_attention_reference(q, k, v, angles, slots, positions,
-                                                                                 *twin, window)
+    out, probs, mask, slots_used, nu = kernels.append_attention(q, k, v, angles, slots, positions, *cache, window,
+                                                                need_probs, config, value_l1=need_probs)
+    ref_out, ref_probs, ref_mask, ref_slots, _ = kernels.append_attention_reference(q, k, v, angles, slots, positions,
+                                                                                    *twin, window)
+    if need_probs:  # the values' L1 norm: VATP's nu as policies.token_state starts it
+        want = policies.token_state(policies.make_policy("vatp", 8), k, v)["nu"]
+        torch.testing.assert_close(nu, want, rtol=1e-6, atol=1e-6 if DEVICE == "cpu" else 1e-4)
+    else:
+        assert nu is None
     assert torch.equal(slots_used, ref_slots) and torch.equal(mask, ref_mask)
     assert torch.equal(cache[1], twin[1]) and torch.equal(cache[2], twin[2]) and torch.equal(cache[3], twin[3])
     torch.testing.assert_close(cache[0], twin[0], rtol=1.6e-2 if DEVICE == "cuda" else 1e-6, atol=ATOL / 10)
@@ -259,7 +265,7 @@ def test_kernels_under_torch_compile_launch_through_their_custom_ops():
             "kv_fast.append_attention"} <= set(traced)
     # the joined call: slot 1 found (0 and 3 held, at position 3); it sees those two and its own (position 4), and
     # attends over them as the explicit softmax does over the cache it wrote
-    j_out, j_probs, j_mask, j_slots = joined
+    j_out, j_probs, j_mask, j_slots, _ = joined
     assert j_slots.shape == (1, 2, 1) and (j_slots == 1).all() and torch.equal(cache[2][0, :, 1], (positions[0] + 1).expand(2))
     assert j_mask[0, :, 0].tolist() == [[True, True, False, True] + [False] * 4] * 2
     ref_out, ref_probs = kernels.decode_attention_reference(q, cache[0], cache[1], j_mask)
