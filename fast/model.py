@@ -189,19 +189,25 @@ class Block(reference.Block):
 
 
 class Transformer(reference.Transformer):
-    def forward(self, tokens, cache=None, block_fn=None):
+    def forward(self, tokens, cache=None, block_fn=None, embed_fn=None):
         """model.Transformer.forward, with the prompt's twin for a first call into an empty
         fast.KVCache, and each block through block_fn(block, x, positions, angles, layer_cache)
-        when given (fast.step.compile_decode)."""
+        when given (fast.step.compile_decode), the embedding and rotary angles through
+        embed_fn(model, tokens, positions) when given (embed_and_angles compiled: one kernel or two
+        where the eager rotary angles are eight)."""
         if isinstance(cache, FastKVCache) and cache.held == 0 and not cache.padded and self.prompt_applies(cache):
             return self.prompt(tokens, cache)
         if block_fn is None:
             return super().forward(tokens, cache)
         positions = cache.positions(tokens.shape[1])  # (B, T)
-        x, angles = self.embed(tokens, positions), self.angles(positions)
+        x, angles = (embed_fn or Transformer.embed_and_angles)(self, tokens, positions)
         for block, layer_cache in zip(self.layers, cache.layers):
             x = block_fn(block, x, positions, angles, layer_cache)
         return self.head(x)
+
+    def embed_and_angles(self, tokens, positions):
+        """model.Transformer.forward's first two steps: the embedding (B, T, dim) and the rotary angles."""
+        return self.embed(tokens, positions), self.angles(positions)
 
     def head(self, x):
         """model.Transformer.head; in a decode step (rows_apply) the final norm fused into lm_head."""

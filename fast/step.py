@@ -23,10 +23,17 @@ from fast import kernels
 INDUCTOR_PDL = True
 
 
+# The step's embedding and rotary angles compiled too (fast.model.Transformer.embed_and_angles: a kernel or two
+# where the eager ops are about nine, a few microseconds each in SmolLM2's launch-bound step). False: eager
+# (bench.py --no-embed, to time the two side by side).
+EMBED = True
+
+
 def compile_decode(model, cache, backend: str | None = None, warmup: int = 2, dynamic: bool | None = None):
     """The decode step, score update and eviction included, with each transformer block compiled
     by torch.compile (one compiled Block.forward serves every layer: same graph, other weights and
-    cache tensors, so it compiles in seconds) and, on CUDA, the whole step captured as one CUDA
+    cache tensors, so it compiles in seconds), the embedding and rotary angles too (EMBED), and, on CUDA,
+    the whole step captured as one CUDA
     graph. model: a fast.enable'd model (its forward takes block_fn). backend: default inductor on
     CUDA, aot_eager on the CPU (inductor's C++ backend fails on the scored step with torch 2.13:
     KeyError in its outer-loop fusion; the CPU step is not launch-bound, so little is lost).
@@ -42,7 +49,9 @@ def compile_decode(model, cache, backend: str | None = None, warmup: int = 2, dy
                and hasattr(torch._inductor.config, "triton.enable_pdl") else None)
     block_fn = torch.compile(type(model.layers[0]).forward, backend=backend, fullgraph=True, dynamic=dynamic,
                              options=options)
-    step = lambda tokens: model(tokens, cache, block_fn=block_fn)  # noqa: E731
+    embed_fn = (torch.compile(type(model).embed_and_angles, backend=backend, fullgraph=True, dynamic=dynamic,
+                              options=options) if EMBED else None)
+    step = lambda tokens: model(tokens, cache, block_fn=block_fn, embed_fn=embed_fn)  # noqa: E731
     return CudaGraphStep(step, warmup) if cache.device.type == "cuda" else step
 
 

@@ -18,6 +18,7 @@ and each variant's speed against the first. The variants (--ab):
     state   the new token's state by start_state's scatter, then in the eviction (fast.cache.START_IN_EVICT)
     slot    as it is (one variant: a row's ms a step)
     join    the append kernel and the attention's apart, then in one (fast.model.JOIN, kernels.append_attention)
+    embed   the step's embedding and rotary angles eager, then compiled (fast.step.EMBED)
     chunk   the one-victim eviction as one reduction a KV head, then over chunks of 256 and 512 slots
             (fast.cache.EVICT_CHUNK)
 
@@ -59,6 +60,8 @@ AB = {"pdl": {"launched one by one": {(fast.kernels, "PDL"): False, (fast.step, 
                  "slot in append": {(fast.cache, "FIND_SLOT"): fast.cache.FIND_SLOT, (fast.cache, "START_IN_EVICT"): False},
                  "slot in append, state in evict": {(fast.cache, "FIND_SLOT"): fast.cache.FIND_SLOT,
                                                     (fast.cache, "START_IN_EVICT"): True}},
+      "embed": {"embedding and angles eager": {(fast.step, "EMBED"): False},
+                "embedding and angles compiled": {(fast.step, "EMBED"): True}},
       "join": {"append and attention apart": {(fast.model, "JOIN"): False},
                "append and attention in one": {(fast.model, "JOIN"): True}},
       "chunk": {f"eviction chunk {c}": {(fast.cache, "EVICT_CHUNK"): c} for c in (None, 256, 512)},

@@ -24,22 +24,25 @@ def test_reverse_runs_the_plan_rows_last_to_first(tmp_path, monkeypatch):
     assert keys[True] == keys[False][::-1]
 
 
-def test_inductor_settings_no_rows_no_pdl_and_no_append_reach_the_step(tmp_path, monkeypatch):
+def test_inductor_settings_and_the_no_flags_reach_the_step(tmp_path, monkeypatch):
     monkeypatch.setattr(torch._inductor.config, "combo_kernels", False)
     monkeypatch.setattr(torch._inductor.config, "aggressive_fusion", False)
     monkeypatch.setattr(torch._inductor.config, "triton.enable_pdl", False)
     monkeypatch.setattr(fast.model, "ROWS", True)
     monkeypatch.setattr(fast.kernels, "PDL", None)
     monkeypatch.setattr(fast.model, "APPEND", True)
+    monkeypatch.setattr(fast.model, "JOIN", True)
+    monkeypatch.setattr(fast.step, "EMBED", True)
     plan = [("tiny", "full", None, 24, 1)]
     monkeypatch.setitem(bench.PLANS, "tiny-one", plan)
     bench.main(["--plan", "tiny-one", "--device", "cpu", "--dtype", "float32", "--no-hf", "--no-compile", "--new-tokens",
                 "2", "--prefill-reps", "1", "--out", str(tmp_path / "o.json"), "--inductor",
                 "combo_kernels=True,aggressive_fusion=True,triton.enable_pdl=True", "--no-rows", "--no-pdl",
-                "--no-append"])
+                "--no-append", "--no-join", "--no-embed"])
     assert torch._inductor.config.combo_kernels is True and torch._inductor.config.aggressive_fusion is True
     assert torch._inductor.config.triton.enable_pdl is True  # a sub-config's setting, by its dotted name
     assert fast.model.ROWS is False and fast.kernels.PDL is False and fast.model.APPEND is False
+    assert fast.model.JOIN is False and fast.step.EMBED is False
 
 
 @pytest.mark.parametrize("setting", ["no_such_setting=1", "combo_kernels"])

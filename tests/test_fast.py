@@ -456,17 +456,25 @@ ROTARY_CASES = {  # KVCache settings
 @pytest.mark.parametrize("case", ROTARY_CASES)
 def test_forward_through_block_fn_equals_the_reference_forward(name, case):
     """The fast forward with block_fn (what compile_decode compiles: Block.forward(block, x,
-    positions, angles, layer_cache)) gives the reference's logits, and the rotary angles reach
-    every layer once computed, (B, 1, T, D) fp32 (None for OPT)."""
+    positions, angles, layer_cache)) and embed_fn (Transformer.embed_and_angles, compiled there too)
+    gives the reference's logits, and the rotary angles embed_fn returns reach every layer, (B, 1, T,
+    D) fp32 (None for OPT)."""
     if name == "tiny-opt" and "slot" in case:
         pytest.skip("slot positions need rotary embeddings")
     ref, m = twins(name)
     tokens = torch.randint(0, 128, (2, 28), generator=torch.Generator().manual_seed(3))
     seen = []
 
+    made = []
+
     def spy(block, x, positions, angles, layer_cache):
         seen.append(angles)
         return model.Block.forward(block, x, positions, angles, layer_cache)
+
+    def embed_spy(mm, tokens, positions):
+        x, angles = fast.model.Transformer.embed_and_angles(mm, tokens, positions)
+        made.append(angles)
+        return x, angles
 
     out = []
     for mm, kind, block_fn in ((ref, cache_mod.KVCache, None), (m, fast.KVCache, spy)):
@@ -475,10 +483,11 @@ def test_forward_through_block_fn_equals_the_reference_forward(name, case):
             policy, budget = policies.make_policy(kw.pop("policy"), kw["budget"]), kw.pop("budget")
             c = kind(m.cfg, policy, budget, batch=2, max_len=64, **kw)
             calls = simulate.call_bounds(28, c.mode, c.chunk, 20)  # a prompt of 20, then decode steps
-            out.append(torch.cat([mm(tokens[:, s:e], c) if block_fn is None else mm(tokens[:, s:e], c, block_fn=block_fn)
-                                  for s, e in calls], dim=1))
+            out.append(torch.cat([mm(tokens[:, s:e], c) if block_fn is None else
+                                  mm(tokens[:, s:e], c, block_fn=block_fn, embed_fn=embed_spy) for s, e in calls], dim=1))
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=1e-5)
     assert seen, "block_fn was never called"
+    assert made and all(a is b for i, a in enumerate(seen) for b in [made[i // m.cfg.n_layers]])  # embed_fn's, each layer
     if m.cfg.rotary:
         assert all(a[0].shape[:2] == (2, 1) and a[0].shape[-1] == m.cfg.head_dim and a[0].dtype == torch.float32
                    for a in seen)
