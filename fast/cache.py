@@ -177,37 +177,49 @@ class Prompt:
     layer: LayerCache
     k: torch.Tensor  # (B, Hkv, T, D) as the layer stores keys (rotated, or not in slot mode)
     v: torch.Tensor  # (B, Hkv, T, D)
-    state: dict  # {name: (B, Hkv, T)} the policy's state of the new tokens (policies.token_state)
-    update: torch.Tensor | None  # (B, Hkv, T) the call's score update (column sums), None if unscored
+    q_rot: torch.Tensor | None = None  # (B, Hkv, G, T, D) the queries rotated; with k_rot and lse, where the policy
+    k_rot: torch.Tensor | None = None  # scores (else None): (B, Hkv, T, D) the keys rotated
+    lse: torch.Tensor | None = None  # (B, Hkv, G, T) fp32 each row's log-sum-exp
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(t.nbytes for t in (self.k, self.v, self.q_rot, self.lse) if t is not None)
 
 
 def rank_prompt(cache: "KVCache", group: list[Prompt], positions: torch.Tensor) -> None:
     """The twin of each layer's evict for a first call into an empty cache, for the layers of
-    `group` at once: the policy's update (policies.apply_update; every row of the call saw the
-    tokens before it), then one ranking (policies.priority over (L, B, Hkv, T), keep_top; one for
-    all layers when the policy ranks by position alone), then each layer writes only its kept
-    tokens (LayerCache.write_prompt). positions (B, T)."""
+    `group` at once: the policy's state of the new tokens (policies.token_state) and its update
+    (policies.apply_update; every row of the call saw the tokens before it), whose sums are the
+    weighted column sums of each layer's attention (kernels.column_sums, Eq. (1), with the rows'
+    weights policies.row_weights: one launch for the group, its layers as more sequences), then one
+    ranking (policies.priority over (L, B, Hkv, T), keep_top; one for all layers when the policy ranks
+    by position alone), then each layer writes only its kept tokens (LayerCache.write_prompt).
+    positions (B, T)."""
     if not group:
         return
     p, L = cache.policy, len(group)
     B, H, T, D = group[0].k.shape
     pos = positions[:, None, :].expand(B, H, T)  # (B, Hkv, T)
     stack = lambda xs: torch.stack(xs) if len(xs) > 1 else xs[0][None]  # noqa: E731  (L, ...)
-    state = {name: stack([e.state[name] for e in group]) for name in group[0].state}  # (L, B, Hkv, T) each
+    if p.scored or p.score_fn:  # the group's keys and values stacked once (L, B, Hkv, T, D): one state for all
+        keys, values = stack([e.k for e in group]), stack([e.v for e in group])
+        state = policies.token_state(p, keys, values, cache.score_dtype)  # {name: (L, B, Hkv, T)}
+    else:  # no copies: each layer's state (none where positions alone rank)
+        layer_states = [policies.token_state(p, e.k, e.v, cache.score_dtype) for e in group]
+        state = {name: stack([s[name] for s in layer_states]) for name in layer_states[0]}
     if p.scored:
+        weights = policies.row_weights(p, positions, positions.amax(dim=-1), alpha=cache.alpha)  # (B, T)
+        first = kernels.first_weighted_row(weights)  # (B,) the rows before it add nothing: column_sums skips them
+        q, lse = stack([e.q_rot for e in group]), stack([e.lse for e in group])  # (L, B, Hkv, G, T, D|)
+        update = kernels.column_sums(q.flatten(0, 1), stack([e.k_rot for e in group]).flatten(0, 1), lse.flatten(0, 1),
+                                     weights.repeat(L, 1), first.repeat(L)).view(L, B, H, T)
         seen = (T - torch.arange(T, device=pos.device)).expand(B, H, T) if p.mean else None  # rows q >= j saw j
-        state = policies.apply_update(p, state, stack([e.update for e in group]), (positions >= 0).sum(dim=-1), seen,
-                                      cache.alpha)
+        state = policies.apply_update(p, state, update, (positions >= 0).sum(dim=-1), seen, cache.alpha)
     keep, idx = (pos >= 0)[None], None  # (1, B, Hkv, T): nothing evicted
     if not p.keep_all:
         n = L if p.scored or p.random or p.score_fn else 1  # else positions alone decide: one ranking serves all
-        tokens = Tokens(stack([e.k for e in group[:n]]) if p.score_fn else None,
-                        stack([e.v for e in group[:n]]) if p.score_fn else None, pos.expand(n, B, H, T),
-                        torch.ones(n, B, H, T, dtype=torch.bool, device=pos.device), state)
+        tokens = Tokens(keys[:n] if p.score_fn else None, values[:n] if p.score_fn else None, pos.expand(n, B, H, T),
+                        torch.ones(n, B, H, T, dtype=torch.bool, device=pos.device), {k: t[:n] for k, t in state.items()})
         layers = torch.stack([e.layer.layer for e in group[:n]]).view(n, 1, 1, 1)
         prio = policies.priority(p, tokens, positions.amax(dim=-1), layers, cache.n_sinks, cache.recents)
         keep = reference.keep_top(prio, tokens.pos, tokens.valid, cache.budgets)  # (n, B, Hkv, T)

@@ -4,8 +4,8 @@
 - the decode step's attention as one Triton pass over the keys (kernels.decode_attention), and
   the explicit path's q k^T as one half-precision matmul with fp32 output (half_scores);
 - the prompt's twin: a first call into an empty fast.KVCache attends with the fused causal kernel,
-  takes the policy's score update from the kernel's log-sum-exp (kernels.column_sums), ranks many
-  layers at once (fast.cache.rank_prompt) and writes only the kept tokens;
+  takes the policy's score update from the kernel's log-sum-exp (kernels.column_sums) and ranks,
+  for many layers at once (fast.cache.rank_prompt), and writes only the kept tokens;
 - in a decode step, the new token's free slot, rotary, its write into the cache and the step's mask
   as one kernel (kernels.append_step; Attention.forward_heads, fast.cache.LayerCache.append), that kernel
   joined to the attention's where the attention's splits merge in its own pass (kernels.append_attention,
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import model as reference
-import policies
 from fast import kernels
 from fast.cache import KVCache as FastKVCache
 from fast.cache import LayerCache as FastLayerCache
@@ -127,23 +126,19 @@ class Attention(reference.Attention):
         layer_cache.evict(call, fresh)
         return out
 
-    def prompt(self, x, positions, angles, layer_cache, weights, first=None) -> tuple[torch.Tensor, Prompt]:
+    def prompt(self, x, positions, angles, layer_cache) -> tuple[torch.Tensor, Prompt]:
         """The twin of forward for a first call into an empty cache: row i sees tokens 0..i, so the
-        fused causal kernel attends, and the policy's update for the whole call is the weighted
-        column sums of that attention (kernels.column_sums; weights (B, T) = policies.row_weights),
-        applied to the state in rank_prompt.
+        fused causal kernel attends, with each row's log-sum-exp where the policy scores: from it
+        rank_prompt takes the policy's update for the whole call, the weighted column sums of this
+        attention (kernels.column_sums), for many layers at once.
         -> the attention's output (B, T, dim) and this layer's part for rank_prompt."""
         q, k, v = self.project(x)  # q (B, Hkv, G, T, D), k and v (B, Hkv, T, D)
         q_rot, k_rot = self.rope(q, angles), self.rope(k, angles)  # a fresh cache's slot ranks are the positions
-        policy = layer_cache.policy
-        update = None
-        if policy.scored:
-            out, lse = kernels.causal_attention_lse(q_rot, k_rot, v)
-            update = kernels.column_sums(q_rot, k_rot, lse, weights, first)  # (B, Hkv, T)
-        else:
-            out = reference.causal_attention(q_rot, k_rot, v)
-        state = policies.token_state(policy, k, v, layer_cache.owner.score_dtype)  # (B, Hkv, T) each
-        return self.output(out), Prompt(layer_cache, k if layer_cache.rotate_on_read else k_rot, v, state, update)
+        stored = k if layer_cache.rotate_on_read else k_rot
+        if not layer_cache.policy.scored:
+            return self.output(reference.causal_attention(q_rot, k_rot, v)), Prompt(layer_cache, stored, v)
+        out, lse = kernels.causal_attention_lse(q_rot, k_rot, v)  # lse (B, Hkv, G, T)
+        return self.output(out), Prompt(layer_cache, stored, v, q_rot, k_rot, lse)
 
 
 class MLP(reference.MLP):
@@ -226,13 +221,9 @@ class Transformer(reference.Transformer):
         """The prompt's twin (Attention.prompt for each layer, then rank_prompt for groups of layers)."""
         positions = cache.positions(tokens.shape[1])  # (B, T)
         x, angles = self.embed(tokens, positions), self.angles(positions)
-        weights = first = None
-        if cache.policy.scored:  # each row's weight in the score update, the same for every layer
-            weights = policies.row_weights(cache.policy, positions, positions.amax(dim=-1), alpha=cache.alpha)  # (B, T)
-            first = kernels.first_weighted_row(weights)  # (B,) the rows before it add nothing: column_sums skips them
         waiting = []
         for block, layer_cache in zip(self.layers, cache.layers):  # model.Block.forward, with the prompt's attention
-            out, part = block.attn.prompt(block.attn_norm(x), positions, angles, layer_cache, weights, first)
+            out, part = block.attn.prompt(block.attn_norm(x), positions, angles, layer_cache)
             x, out = x + out, None
             waiting.append(part)
             if len(waiting) * part.nbytes >= PENDING_BYTES:  # every layer's part is as large

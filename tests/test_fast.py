@@ -78,10 +78,10 @@ class PromptSpy:
         self.groups = []
         rank = fast_model.rank_prompt
 
-        def spy(cache, group, positions):
+        def spy(cache, group, *args):
             if group:
                 self.groups.append(len(group))
-            return rank(cache, group, positions)
+            return rank(cache, group, *args)
         mp.setattr(fast_model, "rank_prompt", spy)
 
 
