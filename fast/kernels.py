@@ -713,16 +713,23 @@ def causal_attention_lse(q, k, v):
     results/prefill_probe_h100.log) or else the flash kernel's (FlashAttention-2, slower there).
     q (B, Hkv, G, T, D), k, v (B, Hkv, T, D) -> out
     (B, Hkv, G, T, D), lse (B, Hkv, G, T) fp32. Both want as many key heads as query heads: the
-    group's keys are expanded (a copy of this call's keys only, freed after it)."""
+    group's keys as they are where cuDNN takes them so (grouped-query attention: on the H200, torch 2.11,
+    equal to the expanded call to the bit, scripts/gqa_probe.py), else expanded (a copy of this call's keys
+    only, freed after it)."""
     B, Hkv, G, T, D = q.shape
-    if G > 1:
-        k, v = (x[:, :, None].expand(B, Hkv, G, T, D).reshape(B, Hkv * G, T, D) for x in (k, v))
     q = q.reshape(B, Hkv * G, T, D)
-    try:  # (B, H, T, D), lse (B, H, T, 1)
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False,
-                                                                      scale=1 / math.sqrt(D))[:2]
-    except (AttributeError, RuntimeError):  # no cuDNN attention for this shape or build: the flash kernel
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=1 / math.sqrt(D))[:2]
+    cudnn = lambda k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(  # noqa: E731  (B, H, T, D), lse (B, H, T, 1)
+        q, k, v, None, True, 0.0, True, False, scale=1 / math.sqrt(D))[:2]
+    try:
+        out, lse = cudnn(k, v)
+    except (AttributeError, RuntimeError):  # grouped keys refused, or no cuDNN attention: expanded, or the flash kernel
+        if G > 1:
+            k, v = (x[:, :, None].expand(B, Hkv, G, T, D).reshape(B, Hkv * G, T, D) for x in (k, v))
+        try:
+            out, lse = cudnn(k, v)
+        except (AttributeError, RuntimeError):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False,
+                                                                          scale=1 / math.sqrt(D))[:2]
     return out.view(B, Hkv, G, T, D), lse.reshape(B, Hkv, G, T)
 
 

@@ -322,6 +322,21 @@ def test_the_lse_twin_is_the_fused_causal_attention():
     assert torch.allclose(lse[..., 0], s[..., 0, 0], atol=1e-6)  # row 0 sees only key 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("Hkv,G,D", [(3, 3, 64), (8, 4, 128), (4, 1, 64)])
+def test_fused_lse_with_grouped_keys_equals_the_explicit_softmax_on_cuda(Hkv, G, D):
+    """kernels.causal_attention_lse hands cuDNN the group's keys unexpanded (grouped queries): the same
+    output and log-sum-exp as the explicit twin, SmolLM2's and a grouped 7B-like shape, bf16."""
+    g = torch.Generator().manual_seed(G)
+    q = torch.randn(2, Hkv, G, 300, D, generator=g).to("cuda", torch.bfloat16)
+    k, v = (torch.randn(2, Hkv, 300, D, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    out, lse = kernels.causal_attention_lse(q, k, v)
+    ref_out, ref_lse = kernels.causal_attention_lse_reference(q, k, v)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=2e-2)
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=0, atol=2e-2)
+
+
 def twins(dtype=None):
     """The reference tiny model on DEVICE and its fast twin (fast.enable on a copy)."""
     ref = tiny_model("tiny-llama", dtype=dtype or DTYPE).to(DEVICE)
