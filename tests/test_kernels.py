@@ -54,6 +54,16 @@ def test_decode_attention_equals_the_explicit_softmax(seed, B, Hkv, G, S, D, kee
         assert not kernels._counts(q.device, B * Hkv).any()  # every count back to 0
 
 
+def projected_row(g, B, Hkv, G, D):
+    """A decode step's q (B, Hkv, G, 1, D), k, v (B, Hkv, 1, D): strided views into one projected row, as
+    model.Attention.heads makes them."""
+    qkv = torch.randn(B, 1, (Hkv * G + 2 * Hkv) * D, generator=g).to(DEVICE, DTYPE)
+    q = qkv[..., :Hkv * G * D].view(B, 1, Hkv, G, D).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, 1, D), strided
+    k = qkv[..., Hkv * G * D:(Hkv * G + Hkv) * D].view(B, 1, Hkv, D).transpose(1, 2)  # (B, Hkv, 1, D)
+    v = qkv[..., (Hkv * G + Hkv) * D:].view(B, 1, Hkv, D).transpose(1, 2)
+    return q, k, v
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4]),
        S=st.integers(1, 300), D=st.sampled_from([16, 32, 64]), window=st.sampled_from([0, 1, 7, 100]),
@@ -70,10 +80,7 @@ def test_append_step_equals_rotary_the_cache_write_and_the_mask(seed, B, Hkv, G,
     in one program a row or in blocks of slots (block_s)."""
     import model
     g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, 1, (Hkv * G + 2 * Hkv) * D, generator=g).to(DEVICE, DTYPE)
-    q = qkv[..., :Hkv * G * D].view(B, 1, Hkv, G, D).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, 1, D), strided
-    k = qkv[..., Hkv * G * D:(Hkv * G + Hkv) * D].view(B, 1, Hkv, D).transpose(1, 2)  # (B, Hkv, 1, D)
-    v = qkv[..., (Hkv * G + Hkv) * D:].view(B, 1, Hkv, D).transpose(1, 2)
+    q, k, v = projected_row(g, B, Hkv, G, D)
     positions = torch.randint(-2, 2 * S, (B, 1), generator=g).to(DEVICE)
     if slot == "full":
         positions = torch.randint(0, S, (B, 1), generator=g).to(DEVICE)
@@ -128,10 +135,7 @@ def test_append_attention_equals_the_append_then_the_attention(seed, B, Hkv, G, 
     value's L1 norm (VATP's nu) where asked."""
     import model
     g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, 1, (Hkv * G + 2 * Hkv) * D, generator=g).to(DEVICE, DTYPE)
-    q = qkv[..., :Hkv * G * D].view(B, 1, Hkv, G, D).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, 1, D), strided
-    k = qkv[..., Hkv * G * D:(Hkv * G + Hkv) * D].view(B, 1, Hkv, D).transpose(1, 2)  # (B, Hkv, 1, D)
-    v = qkv[..., (Hkv * G + Hkv) * D:].view(B, 1, Hkv, D).transpose(1, 2)
+    q, k, v = projected_row(g, B, Hkv, G, D)
     positions = torch.randint(-2, 2 * S, (B, 1), generator=g).to(DEVICE)
     slots = torch.randint(0, S, (B, Hkv, 1), generator=g).to(DEVICE) if slot == "given" else None
     angles = model.rotary_angles(positions, model.Config(dim=D, n_heads=1, n_kv_heads=1, rope_theta=500.0))
