@@ -219,7 +219,7 @@ def rank_prompt(cache: "KVCache", group: list[Prompt], positions: torch.Tensor) 
     if not p.keep_all:
         n = L if p.scored or p.random or p.score_fn else 1  # else positions alone decide: one ranking serves all
         tokens = Tokens(keys[:n] if p.score_fn else None, values[:n] if p.score_fn else None, pos.expand(n, B, H, T),
-                        torch.ones(n, B, H, T, dtype=torch.bool, device=pos.device), {k: t[:n] for k, t in state.items()})
+                        torch.ones(n, B, H, T, dtype=torch.bool, device=pos.device), {name: t[:n] for name, t in state.items()})
         layers = torch.stack([e.layer.layer for e in group[:n]]).view(n, 1, 1, 1)
         prio = policies.priority(p, tokens, positions.amax(dim=-1), layers, cache.n_sinks, cache.recents)
         keep = reference.keep_top(prio, tokens.pos, tokens.valid, cache.budgets)  # (n, B, Hkv, T)

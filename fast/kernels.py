@@ -322,8 +322,7 @@ def _decode_launch(q, k, v, mask, need_probs: bool, config: list[int], merge: bo
         q, k.contiguous(), v.contiguous(), mask, scores, m_part, l_part, acc_part, count, out, m, l, S, n_split,
         LOG2E / math.sqrt(D), G, G_PAD, D, SPLIT, BLOCK_N, need_probs, merge, triton.next_power_of_2(G), N_PAD, on,
         *args, APPEND=step is not None, FIND_SLOT=find, BLOCK_S=block_s, VALUE_L1=value_l1, num_warps=warps,
-        num_stages=stages,
-        **launch_options(q))
+        num_stages=stages, **launch_options(q))
     if not merge:
         _combine_kernel[(BHkv * G,)](m_part, l_part, acc_part, out, m, l, n_split, D=D, N_PAD=N_PAD, PDL=on,
                                     **launch_options(q))

@@ -32,9 +32,9 @@ EMBED = True
 def compile_decode(model, cache, backend: str | None = None, warmup: int = 2, dynamic: bool | None = None):
     """The decode step, score update and eviction included, with each transformer block compiled
     by torch.compile (one compiled Block.forward serves every layer: same graph, other weights and
-    cache tensors, so it compiles in seconds), the embedding and rotary angles too (EMBED), and, on CUDA,
-    the whole step captured as one CUDA
-    graph. model: a fast.enable'd model (its forward takes block_fn). backend: default inductor on
+    cache tensors, so it compiles in seconds), the embedding and rotary angles too (EMBED), and, on
+    CUDA, the whole step captured as one CUDA graph. model: a fast.enable'd model (its forward takes
+    block_fn and embed_fn). backend: default inductor on
     CUDA, aot_eager on the CPU (inductor's C++ backend fails on the scored step with torch 2.13:
     KeyError in its outer-loop fusion; the CPU step is not launch-bound, so little is lost).
     dynamic: torch.compile's. In a process that compiles steps for caches of several sizes (bench.py's
