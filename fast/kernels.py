@@ -712,9 +712,9 @@ def causal_attention_lse(q, k, v):
     results/prefill_probe_h100.log) or else the flash kernel's (FlashAttention-2, slower there).
     q (B, Hkv, G, T, D), k, v (B, Hkv, T, D) -> out
     (B, Hkv, G, T, D), lse (B, Hkv, G, T) fp32. Both want as many key heads as query heads: the
-    group's keys as they are where cuDNN takes them so (grouped-query attention: on the H200, torch 2.11,
-    equal to the expanded call to the bit, scripts/gqa_probe.py), else expanded (a copy of this call's keys
-    only, freed after it)."""
+    group's keys as they are where cuDNN takes them so (cuDNN's attention graph supports fewer key heads
+    natively: pytorch/pytorch#139586, #150337; on the H200, torch 2.11, equal to the expanded call to the
+    bit, scripts/gqa_probe.py), else expanded (a copy of this call's keys only, freed after it)."""
     B, Hkv, G, T, D = q.shape
     q = q.reshape(B, Hkv * G, T, D)
     cudnn = lambda k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(  # noqa: E731  (B, H, T, D), lse (B, H, T, 1)
