@@ -409,6 +409,8 @@ def main(argv=None):
                     " with programmatic dependent launch (fast.kernels.PDL off), to time beside it")
     ap.add_argument("--no-append", action="store_true", help="the decode step's rotary, cache write and mask as torch ops"
                     " (fast.model.APPEND off), to time beside the one kernel (kernels.append_step)")
+    ap.add_argument("--colsum-split", action="store_true", help="the prompt's column sums with their split loop"
+                    " (fast.kernels.COLUMN_SUMS_SPLIT: the weight in the exponent, the mask on the diagonal's tiles only)")
     ap.add_argument("--no-embed", action="store_true", help="the decode step's embedding and rotary angles eager"
                     " (fast.step.EMBED off), to time beside them compiled")
     ap.add_argument("--no-join", action="store_true", help="the decode step's append kernel and attention kernel apart"
@@ -422,6 +424,7 @@ def main(argv=None):
     fast.model.APPEND = not args.no_append
     fast.model.JOIN = not args.no_join
     fast.step.EMBED = not args.no_embed
+    fast.kernels.COLUMN_SUMS_SPLIT = args.colsum_split
     for setting in filter(None, args.inductor.split(",")):
         key, _, value = setting.partition("=")
         if not hasattr(torch._inductor.config, key) or not value:

@@ -625,12 +625,17 @@ if triton is not None:
 
     @triton.jit
     def _column_sums_kernel(Q, K, LSE, W, FIRST, OUT, T, Hkv, T_KEY, scale_log2: tl.constexpr,
-                            G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                            G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            SPLIT_LOOP: tl.constexpr = False):
         """One program: keys [j0, j0 + BLOCK_N) of one KV head of one sequence. Q (B*Hkv*G, T, D),
         K (B*Hkv, T, D), LSE (B*Hkv*G, T) natural log-sum-exps, W (B, T) row weights, FIRST (B,) each
         sequence's first row of nonzero weight, OUT (B*Hkv, T):
         OUT[j] = sum_g sum_{q >= j} W[q] 2^(s[q, j] - LSE[q]), Eq. (1). T_KEY: the autotuner's key
-        only (T rounded up to a power of 2)."""
+        only (T rounded up to a power of 2).
+        SPLIT_LOOP (COLUMN_SUMS_SPLIT): the same sums with less work a score (_column_sums_tile): the weight
+        inside the exponent (W 2^(s - LSE) = 2^(s - (LSE - log2 W)), no multiply), the causal mask only on
+        the row tiles that cross the block's diagonal, and the sums kept per element of the tile, down the
+        rows once at the end (no reduction across the program's threads per tile)."""
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
         b = bkv // Hkv
@@ -638,23 +643,56 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         n_ok = offs_n < T
         k = tl.load(K + bkv * T * D + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        acc = tl.zeros((BLOCK_N,), tl.float32)
         # rows before the first key see none of these keys; rows before FIRST weigh 0 (no branch in the loop,
         # so the compiler can pipeline its loads)
         first = tl.maximum(pid_n * BLOCK_N, tl.load(FIRST + b))
-        for start in range(first, T, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < T
-            w = tl.load(W + b * T + offs_m, mask=m_ok, other=0.0)
-            for g in range(G):
-                bh = bkv * G + g
-                q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-                lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634  # log2 units
-                s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N)
-                p = tl.exp2(s - lse[:, None]) * w[:, None]  # row-normalised probability x row weight
-                seen = (offs_n[None, :] <= offs_m[:, None]) & m_ok[:, None]  # causal
-                acc += tl.sum(tl.where(seen, p, 0.0), 0)
+        if SPLIT_LOOP:
+            tile = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            # rows from (pid_n + 1) * BLOCK_N - 1 on see every key of the block: their tiles need no mask
+            crossing = tl.cdiv(tl.maximum(tl.minimum(T, (pid_n + 1) * BLOCK_N - 1) - first, 0), BLOCK_M)
+            below = first + crossing * BLOCK_M
+            for start in range(first, below, BLOCK_M):
+                tile += _column_sums_tile(Q, LSE, W, k, bkv, b, start, offs_n, T, scale_log2, G, D, BLOCK_M, BLOCK_N, True)
+            for start in range(below, T, BLOCK_M):
+                tile += _column_sums_tile(Q, LSE, W, k, bkv, b, start, offs_n, T, scale_log2, G, D, BLOCK_M, BLOCK_N,
+                                          False)
+            acc = tl.sum(tile, 0)
+        else:
+            acc = tl.zeros((BLOCK_N,), tl.float32)
+            for start in range(first, T, BLOCK_M):
+                offs_m = start + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < T
+                w = tl.load(W + b * T + offs_m, mask=m_ok, other=0.0)
+                for g in range(G):
+                    bh = bkv * G + g
+                    q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+                    lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634  # log2 units
+                    s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N)
+                    p = tl.exp2(s - lse[:, None]) * w[:, None]  # row-normalised probability x row weight
+                    seen = (offs_n[None, :] <= offs_m[:, None]) & m_ok[:, None]  # causal
+                    acc += tl.sum(tl.where(seen, p, 0.0), 0)
         tl.store(OUT + bkv * T + offs_n, acc, mask=n_ok)
+
+    @triton.jit
+    def _column_sums_tile(Q, LSE, W, k, bkv, b, start, offs_n, T, scale_log2: tl.constexpr, G: tl.constexpr,
+                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        """Rows [start, start + BLOCK_M) of _column_sums_kernel's SPLIT_LOOP against its keys k (BLOCK_N, D):
+        W[q] 2^(s[q, j] - LSE[q]) summed over the group's query heads, per element (BLOCK_M, BLOCK_N); with
+        CAUSAL, 0 where the key is after the row. A row of weight 0, or past T, has LSE - log2 W = +inf: 0."""
+        offs_m = start + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        m_ok = offs_m < T
+        log2_w = tl.log2(tl.load(W + b * T + offs_m, mask=m_ok, other=0.0))  # -inf where the row weighs 0
+        tile = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for g in range(G):
+            bh = bkv * G + g
+            q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+            c = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634 - log2_w  # log2 units
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - c[:, None])  # (BLOCK_M, BLOCK_N): W 2^(s - LSE)
+            if CAUSAL:
+                p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+            tile += p
+        return tile
 
     # (BLOCK_M, BLOCK_N, num_warps, num_stages). The first is the fixed launch of calls shorter than
     # TUNE_FROM rows; from there the autotuner times them all on the device, once per T_KEY.
@@ -662,7 +700,7 @@ if triton is not None:
                            (128, 128, 8, 2)]
     _column_sums_tuned = triton.autotune(
         [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in COLUMN_SUMS_CONFIGS],
-        key=["T_KEY", "G", "D"])(_column_sums_kernel)
+        key=["T_KEY", "G", "D", "SPLIT_LOOP"])(_column_sums_kernel)
 
 TUNE_FROM = 4096  # rows: tuning costs about a second a length bucket, more than a shorter call's whole prefill
 
@@ -673,25 +711,32 @@ def first_weighted_row(w):
     return (w != 0).to(torch.int32).argmax(dim=-1).to(torch.int32)
 
 
-def column_sums(q, k, lse, w, first=None, config=None):
+# column_sums' kernel with less work a score (_column_sums_kernel's SPLIT_LOOP: the weight in the exponent, the
+# causal mask on the diagonal's tiles only, per-element sums). Off until timed on the device (scripts/kernel_probe.py's
+# "split" columns; bench.py --colsum-split): the 7B's h2o prefill at 32k (1.33x of the fused one, issue 18) is these sums.
+COLUMN_SUMS_SPLIT = False
+
+
+def column_sums(q, k, lse, w, first=None, config=None, split_loop: bool | None = None):
     """Eq. (1) for a causal call whose rows and keys are the same T tokens in order.
     q (B, Hkv, G, T, D), k (B, Hkv, T, D), lse (B, Hkv, G, T) fp32 natural log-sum-exp of each
     row's scaled scores, w (B, T) row weights, first (B,) first_weighted_row(w) (computed here if
     None) -> (B, Hkv, T) fp32. The twin: column_sums_reference. config: one of COLUMN_SUMS_CONFIGS,
     forced (tests); by default the first below TUNE_FROM rows, the autotuner's pick from there (on
-    CUDA)."""
+    CUDA). split_loop: the kernel's SPLIT_LOOP (default COLUMN_SUMS_SPLIT)."""
     B, Hkv, G, T, D = q.shape
     out = torch.empty(B * Hkv, T, device=q.device, dtype=torch.float32)
     w = w.float().contiguous()
     first = first_weighted_row(w) if first is None else first
     args = (q.contiguous().view(B * Hkv * G, T, D), k.contiguous().view(B * Hkv, T, D), lse.float().contiguous(), w,
             first, out, T, Hkv, triton.next_power_of_2(T), LOG2E / math.sqrt(D))
+    split = COLUMN_SUMS_SPLIT if split_loop is None else split_loop
     if config is None and T >= TUNE_FROM and q.is_cuda:
-        _column_sums_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](*args, G=G, D=D)
+        _column_sums_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](*args, G=G, D=D, SPLIT_LOOP=split)
     else:
         m, n, warps, stages = config or COLUMN_SUMS_CONFIGS[0]
-        _column_sums_kernel[(triton.cdiv(T, n), B * Hkv)](*args, G=G, D=D, BLOCK_M=m, BLOCK_N=n, num_warps=warps,
-                                                          num_stages=stages)
+        _column_sums_kernel[(triton.cdiv(T, n), B * Hkv)](*args, G=G, D=D, BLOCK_M=m, BLOCK_N=n, SPLIT_LOOP=split,
+                                                          num_warps=warps, num_stages=stages)
     return out.view(B, Hkv, T)
 
 

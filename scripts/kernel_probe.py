@@ -1,6 +1,7 @@
 """Kernel timings on CUDA behind fast/kernels.py's choices (not part of the test or bench runs):
 prefill attention with and without the row log-sum-exp, the column sums, and the decode kernel's
-split size against the explicit and fused decode attention. Prints a table. --configs: the column
+split size against the explicit and fused decode attention. Prints a table ("split": the column sums'
+split loop, kernels.COLUMN_SUMS_SPLIT). --configs: the column
 sums under each of its launch configs (kernels.COLUMN_SUMS_CONFIGS) and the autotuner's pick;
 --decode: the decode table only."""
 
@@ -71,8 +72,9 @@ def cudnn(q, k, v):
 def main():
     dev, dt = "cuda", torch.bfloat16
     H, D = 32, 128
-    print("| T | sdpa ms | fa2+lse ms | cudnn+lse ms | colsum h2o ms | colsum a2sf ms | lse diff fa2-cudnn |")
-    print("|---|---|---|---|---|---|---|")
+    print("| T | sdpa ms | fa2+lse ms | cudnn+lse ms | colsum h2o ms | colsum a2sf ms | split h2o ms | split a2sf ms |"
+          " lse diff fa2-cudnn |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for T in () if "--decode" in sys.argv else (2048, 8192, 32768):  # --decode: the decode table only
         q = torch.randn(1, H, 1, T, D, device=dev, dtype=dt)
         k, v = torch.randn(1, H, T, D, device=dev, dtype=dt), torch.randn(1, H, T, D, device=dev, dtype=dt)
@@ -89,9 +91,11 @@ def main():
             t_cud, diff = float("nan"), f"{type(e).__name__}: {str(e)[:60]}"
         w1 = torch.ones(1, T, device=dev)
         wa = 0.2 ** (T - 1 - torch.arange(T, device=dev, dtype=torch.float32))[None]
-        t_c1 = timed(kernels.column_sums, q, k, lse, w1, reps=reps)
-        t_ca = timed(kernels.column_sums, q, k, lse, wa, reps=reps)
-        print(f"| {T} | {t_sdpa:.3f} | {t_fa2:.3f} | {t_cud:.3f} | {t_c1:.3f} | {t_ca:.3f} | {diff} |", flush=True)
+        t_c1, t_ca, t_s1, t_sa = (timed(functools.partial(kernels.column_sums, split_loop=split), q, k, lse, w, reps=reps)
+                                  for split in (False, True) for w in (w1, wa))
+        split_diff = (kernels.column_sums(q, k, lse, w1, split_loop=True) - kernels.column_sums(q, k, lse, w1)).abs().max()
+        print(f"| {T} | {t_sdpa:.3f} | {t_fa2:.3f} | {t_cud:.3f} | {t_c1:.3f} | {t_ca:.3f} | {t_s1:.3f} | {t_sa:.3f} |"
+              f" {diff}; split vs one loop (h2o) {split_diff.item():.2e} |", flush=True)
     if "--configs" in sys.argv:  # column_sums under each launch config it may take, and the autotuner's pick
         print("\n| T | weights | " + " | ".join(f"{m}x{n} w{w} s{st} ms" for m, n, w, st in kernels.COLUMN_SUMS_CONFIGS)
               + " | tuned ms | tuned pick |")

@@ -169,10 +169,11 @@ def test_append_attention_equals_the_append_then_the_attention(seed, B, Hkv, G, 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.sampled_from([1, 3]),
        T=st.integers(1, 200), D=st.sampled_from([16, 32]),
-       policy_name=st.sampled_from(["h2o", "a2sf", "tova", "snapkv", "vatp"]))
-def test_column_sums_equal_the_explicit_probabilities_summed(seed, B, Hkv, G, T, D, policy_name):
+       policy_name=st.sampled_from(["h2o", "a2sf", "tova", "snapkv", "vatp"]), split=st.booleans())
+def test_column_sums_equal_the_explicit_probabilities_summed(seed, B, Hkv, G, T, D, policy_name, split):
     """Eq. (1) of fast/kernels.py from the row log-sum-exps, block by block (zero-weight row blocks
-    skipped), against the T x T probabilities summed down the columns."""
+    skipped), against the T x T probabilities summed down the columns; the kernel's one loop, or its
+    split loop (the weight in the exponent, the mask on the diagonal's tiles only)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hkv, G, T, D, generator=g).to(DEVICE, DTYPE)
     k, v = (torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, DTYPE) for _ in range(2))
@@ -180,20 +181,21 @@ def test_column_sums_equal_the_explicit_probabilities_summed(seed, B, Hkv, G, T,
     q_pos = torch.arange(T, device=DEVICE).expand(B, T)
     w = policies.row_weights(policies.make_policy(policy_name, max(T // 2, 8) if policy_name != "a2sf" else 4),
                              q_pos, q_pos.amax(-1))
-    sums = kernels.column_sums(q, k, lse, w)
+    sums = kernels.column_sums(q, k, lse, w, split_loop=split)
     ref = kernels.column_sums_reference(q, k, lse, w)
     torch.testing.assert_close(sums, ref, rtol=1e-3 if DEVICE == "cuda" else 1e-5, atol=ATOL / 10)
     if policy_name == "h2o":  # every row's probabilities sum to 1, so the columns hold T per query head
         torch.testing.assert_close(sums.sum(-1), torch.full_like(sums[..., 0], float(G * T)), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("config", getattr(kernels, "COLUMN_SUMS_CONFIGS", []))
-def test_column_sums_under_every_launch_config_the_autotuner_may_pick(config):
+def test_column_sums_under_every_launch_config_the_autotuner_may_pick(config, split):
     """Each of COLUMN_SUMS_CONFIGS (the autotuner picks among them from TUNE_FROM rows on; tuning
     itself needs CUDA), forced, against the explicit twin: block sizes that differ for rows and keys,
     a length that is no multiple of any block, and weights of any pattern: zeros scattered through
     the rows, a leading run of zeros (padding; the rows before the first nonzero are skipped), and a
-    sequence where no row weighs (all its columns 0)."""
+    sequence where no row weighs (all its columns 0); the kernel's one loop and its split loop."""
     g = torch.Generator().manual_seed(7)
     B, Hkv, G, T, D = 3, 2, 2, 150, 32
     q = torch.randn(B, Hkv, G, T, D, generator=g).to(DEVICE, DTYPE)
@@ -203,7 +205,7 @@ def test_column_sums_under_every_launch_config_the_autotuner_may_pick(config):
     w[0, :70], w[0, 70], w[0, -1] = 0, 0.5, 1.0  # the first nonzero row inside the second block of any size
     w[2] = 0  # no row weighs
     w = w.to(DEVICE)
-    sums = kernels.column_sums(q, k, lse, w, config=config)
+    sums = kernels.column_sums(q, k, lse, w, config=config, split_loop=split)
     ref = kernels.column_sums_reference(q, k, lse, w)
     torch.testing.assert_close(sums, ref, rtol=1e-3 if DEVICE == "cuda" else 1e-5, atol=ATOL / 10)
     assert (sums[2] == 0).all() and (sums[0, :, 70:] > 0).all()
@@ -441,8 +443,9 @@ def test_merge_in_the_split_pass_equals_the_explicit_softmax_call_after_call_on_
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("policy_name", ["h2o", "a2sf"])
-def test_autotuned_column_sums_equal_the_explicit_ones_on_cuda(policy_name):
+def test_autotuned_column_sums_equal_the_explicit_ones_on_cuda(policy_name, split):
     """From kernels.TUNE_FROM rows on, column_sums launches the autotuner's pick (it times every
     config on the device first): the same sums as the explicit twin, for every row weighing (h2o)
     and for A2SF's, whose old rows weigh 0 and are skipped. bf16 inputs, fp32 sums."""
@@ -453,7 +456,7 @@ def test_autotuned_column_sums_equal_the_explicit_ones_on_cuda(policy_name):
     _, lse = kernels.causal_attention_lse(q, k, v)
     q_pos = torch.arange(T, device="cuda").expand(B, T)
     w = policies.row_weights(policies.make_policy(policy_name, 512), q_pos, q_pos.amax(-1))
-    sums = kernels.column_sums(q, k, lse, w)
+    sums = kernels.column_sums(q, k, lse, w, split_loop=split)
     assert kernels._column_sums_tuned.best_config is not None  # the tuned launch ran
     torch.testing.assert_close(sums, kernels.column_sums_reference(q, k, lse, w), rtol=1e-3, atol=2e-3)
 
