@@ -356,6 +356,24 @@ PLANS["tp"] = [("llama7b", "full", None, 32768, 1), ("llama7b", "a2sf", "r0.2", 
 PLANS["tp-70b"] = PLANS["tp"][2:]  # the 70B rows alone (one process: the one-GPU rows)
 
 
+# The fast module's switches, each a flag that times a piece beside its absence (or a candidate beside the
+# default): (flag, module, setting, its value without the flag, with it, help).
+SWITCHES = [
+    ("--no-rows", fast.model, "ROWS", True, False, "the decode step's projections as cuBLAS matmuls with the norms and"
+     " adds apart (fast.model.ROWS off), to time beside the fused kernels.linear_rows"),
+    ("--no-pdl", fast.kernels, "PDL", None, False, "the decode step's kernels launched one after another, not with"
+     " programmatic dependent launch (fast.kernels.PDL off), to time beside it"),
+    ("--no-append", fast.model, "APPEND", True, False, "the decode step's rotary, cache write and mask as torch ops"
+     " (fast.model.APPEND off), to time beside the one kernel (kernels.append_step)"),
+    ("--no-join", fast.model, "JOIN", True, False, "the decode step's append kernel and attention kernel apart"
+     " (fast.model.JOIN off), to time beside the two in one (kernels.append_attention)"),
+    ("--no-embed", fast.step, "EMBED", True, False, "the decode step's embedding and rotary angles eager"
+     " (fast.step.EMBED off), to time beside them compiled"),
+    ("--colsum-split", fast.kernels, "COLUMN_SUMS_SPLIT", False, True, "the prompt's column sums with their split loop"
+     " (fast.kernels.COLUMN_SUMS_SPLIT: the weight in the exponent, the mask on the diagonal's tiles only)"),
+]
+
+
 def grid(args):
     ints = lambda s: [int(x) for x in s.split(",") if x]
     rows = []
@@ -403,28 +421,14 @@ def main(argv=None):
                     " matmuls (Triton GEMM templates beside cuBLAS, pointwise epilogues fused into them)")
     ap.add_argument("--inductor", default="", metavar="KEY=VALUE,...", help="torch._inductor.config settings for the"
                     " compiled step, e.g. combo_kernels=True (independent small kernels launched as one)")
-    ap.add_argument("--no-rows", action="store_true", help="the decode step's projections as cuBLAS matmuls with the"
-                    " norms and adds apart (fast.model.ROWS off), to time beside the fused kernels.linear_rows")
-    ap.add_argument("--no-pdl", action="store_true", help="the decode step's kernels launched one after another, not"
-                    " with programmatic dependent launch (fast.kernels.PDL off), to time beside it")
-    ap.add_argument("--no-append", action="store_true", help="the decode step's rotary, cache write and mask as torch ops"
-                    " (fast.model.APPEND off), to time beside the one kernel (kernels.append_step)")
-    ap.add_argument("--colsum-split", action="store_true", help="the prompt's column sums with their split loop"
-                    " (fast.kernels.COLUMN_SUMS_SPLIT: the weight in the exponent, the mask on the diagonal's tiles only)")
-    ap.add_argument("--no-embed", action="store_true", help="the decode step's embedding and rotary angles eager"
-                    " (fast.step.EMBED off), to time beside them compiled")
-    ap.add_argument("--no-join", action="store_true", help="the decode step's append kernel and attention kernel apart"
-                    " (fast.model.JOIN off), to time beside the two in one (kernels.append_attention)")
+    for flag, _, _, _, _, text in SWITCHES:
+        ap.add_argument(flag, action="store_true", help=text)
     args = ap.parse_args(argv)
     if args.evict_chunk is not None and args.evict_chunk < 1:
         ap.error("--evict-chunk takes a positive number of slots, e.g. 512")
     fast.cache.EVICT_CHUNK = args.evict_chunk
-    fast.model.ROWS = not args.no_rows
-    fast.kernels.PDL = False if args.no_pdl else None
-    fast.model.APPEND = not args.no_append
-    fast.model.JOIN = not args.no_join
-    fast.step.EMBED = not args.no_embed
-    fast.kernels.COLUMN_SUMS_SPLIT = args.colsum_split
+    for flag, module, setting, unset, given, _ in SWITCHES:
+        setattr(module, setting, given if getattr(args, flag[2:].replace("-", "_")) else unset)
     for setting in filter(None, args.inductor.split(",")):
         key, _, value = setting.partition("=")
         if not hasattr(torch._inductor.config, key) or not value:
