@@ -697,7 +697,7 @@ if triton is not None:
     # (BLOCK_M, BLOCK_N, num_warps, num_stages). The first is the fixed launch of calls shorter than
     # TUNE_FROM rows; from there the autotuner times them all on the device, once per T_KEY.
     COLUMN_SUMS_CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 8, 3),
-                           (128, 128, 8, 2)]
+                           (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3)]
     _column_sums_tuned = triton.autotune(
         [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in COLUMN_SUMS_CONFIGS],
         key=["T_KEY", "G", "D", "SPLIT_LOOP"])(_column_sums_kernel)

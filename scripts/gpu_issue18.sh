@@ -195,6 +195,18 @@ prefill-host)  # each prefill row's host ops (scripts/host_probe.py --prefill)
   timeout 120 python scripts/host_probe.py --prefill 2>&1 | quiet > $OUT/r/host-probe.log
   grep "^##" $OUT/r/host-probe.log
   ;;
+split)  # on an nvidia-h200-x2: GPU 0 the column sums' GPU tests (both loops, autotuned) and kernel_probe.py --configs
+  # --split; GPU 1 the 7B's 32k prefill rows (full, h2o, a2sf), then with --colsum-split (kernels.COLUMN_SUMS_SPLIT)
+  (CUDA_VISIBLE_DEVICES=0 timeout 120 python -m pytest -p no:warnings -m gpu tests/test_kernels.py -k column_sums 2>&1 \
+     | tail -n 4 | tee $OUT/r/gpu-tests-colsum.log
+   CUDA_VISIBLE_DEVICES=0 timeout 330 python scripts/kernel_probe.py --configs --split 2>&1 | quiet | grep "^|" \
+     | tee $OUT/r/colsum-split.log) &
+  for flags in "" "--colsum-split"; do
+    QUICK_TIMEOUT=230 bash scripts/gpu_issue18.sh quick 1 llama7b 32768 full,h2o,a2sf r0.2 7b-32k${flags:+-split} $flags
+    cat $OUT/7b-32k${flags:+-split}.txt
+  done
+  wait
+  ;;
 final)  # one call: this checkout's targets-smollm2 (transformers' rows too) and targets-7b-short, the landed main's
   # (old/) full 1k rows beside them
   timeout 230 python bench.py --plan targets-smollm2 --weights random --profile --out $OUT/r/new-targets-smollm2.json 2>&1 \

@@ -2,8 +2,8 @@
 prefill attention with and without the row log-sum-exp, the column sums, and the decode kernel's
 split size against the explicit and fused decode attention. Prints a table ("split": the column sums'
 split loop, kernels.COLUMN_SUMS_SPLIT). --configs: the column
-sums under each of its launch configs (kernels.COLUMN_SUMS_CONFIGS) and the autotuner's pick;
---decode: the decode table only."""
+sums under each of its launch configs (kernels.COLUMN_SUMS_CONFIGS) and the autotuner's pick
+(with --split too: the split loop's); --decode: the decode table only."""
 
 import functools
 import math
@@ -51,10 +51,10 @@ def graphed(fn, *args, reps=50):
     return a.elapsed_time(b) / reps
 
 
-def forced(config, q, k, lse, w, reps):
+def forced(config, q, k, lse, w, reps, split=False):
     """ms of column_sums under one launch config; nan where it does not launch (out of shared memory)."""
     try:
-        return timed(functools.partial(kernels.column_sums, config=config), q, k, lse, w, reps=reps)
+        return timed(functools.partial(kernels.column_sums, config=config, split_loop=split), q, k, lse, w, reps=reps)
     except Exception as e:  # triton's OutOfResources and the like: the autotuner skips such a config too
         print(f"config {config}: {type(e).__name__}", file=sys.stderr)
         return float("nan")
@@ -100,17 +100,19 @@ def main():
         print("\n| T | weights | " + " | ".join(f"{m}x{n} w{w} s{st} ms" for m, n, w, st in kernels.COLUMN_SUMS_CONFIGS)
               + " | tuned ms | tuned pick |")
         print("|---|---|" + "---|" * (len(kernels.COLUMN_SUMS_CONFIGS) + 2))
-        for T in (4096, 8192, 32768):
+        splits = (False, True) if "--split" in sys.argv else (False,)
+        for T, split in ((T, split) for T in (4096, 8192, 32768) for split in splits):
             q = torch.randn(1, H, 1, T, D, device=dev, dtype=dt)
             k, v = torch.randn(1, H, T, D, device=dev, dtype=dt), torch.randn(1, H, T, D, device=dev, dtype=dt)
             _, lse = kernels.causal_attention_lse(q, k, v)
             reps = 10 if T < 32768 else 3
             for name, w in (("h2o", torch.ones(1, T, device=dev)),
                             ("a2sf", 0.2 ** (T - 1 - torch.arange(T, device=dev, dtype=torch.float32))[None])):
-                ts = [forced(c, q, k, lse, w, reps) for c in kernels.COLUMN_SUMS_CONFIGS]
-                tuned = timed(kernels.column_sums, q, k, lse, w, reps=reps)  # the first call tunes (not timed)
-                pick = kernels._column_sums_tuned.best_config
-                print(f"| {T} | {name} | " + " | ".join(f"{t:.3f}" for t in ts) + f" | {tuned:.3f} | {pick} |", flush=True)
+                ts = [forced(c, q, k, lse, w, reps, split) for c in kernels.COLUMN_SUMS_CONFIGS]
+                tuned = timed(functools.partial(kernels.column_sums, split_loop=split), q, k, lse, w, reps=reps)
+                pick = kernels._column_sums_tuned.best_config  # (the first call tunes, not timed)
+                print(f"| {T} | {name}{' split' if split else ''} | " + " | ".join(f"{t:.3f}" for t in ts)
+                      + f" | {tuned:.3f} | {pick} |", flush=True)
     print("\n(decode: GPU time per call, captured in a CUDA graph as the decode step is)")
     print("\n| S | split | decode kernel ms | without probs ms | explicit ms | sdpa (no probs) ms |")
     print("|---|---|---|---|---|---|")
