@@ -369,8 +369,8 @@ SWITCHES = [
      " (fast.model.JOIN off), to time beside the two in one (kernels.append_attention)"),
     ("--no-embed", fast.step, "EMBED", True, False, "the decode step's embedding and rotary angles eager"
      " (fast.step.EMBED off), to time beside them compiled"),
-    ("--colsum-split", fast.kernels, "COLUMN_SUMS_SPLIT", False, True, "the prompt's column sums with their split loop"
-     " (fast.kernels.COLUMN_SUMS_SPLIT: the weight in the exponent, the mask on the diagonal's tiles only)"),
+    ("--no-colsum-split", fast.kernels, "COLUMN_SUMS_SPLIT", True, False, "the prompt's column sums in one loop, the"
+     " row weight multiplied and the mask on every tile (fast.kernels.COLUMN_SUMS_SPLIT off), to time beside the split loop"),
 ]
 
 

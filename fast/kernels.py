@@ -712,9 +712,10 @@ def first_weighted_row(w):
 
 
 # column_sums' kernel with less work a score (_column_sums_kernel's SPLIT_LOOP: the weight in the exponent, the
-# causal mask on the diagonal's tiles only, per-element sums). Off until timed on the device (scripts/kernel_probe.py's
-# "split" columns; bench.py --colsum-split): the 7B's h2o prefill at 32k (1.33x of the fused one, issue 18) is these sums.
-COLUMN_SUMS_SPLIT = False
+# causal mask on the diagonal's tiles only, per-element sums). The 7B's h2o prefill at 32k is these sums: 1.33x the
+# fused prefill in one loop, 1.20x split (one H200, same call; scripts/gpu_issue18.sh split). bench.py
+# --no-colsum-split: the one loop, to time beside it.
+COLUMN_SUMS_SPLIT = True
 
 
 def column_sums(q, k, lse, w, first=None, config=None, split_loop: bool | None = None):

@@ -38,6 +38,13 @@
 #                                           one: kernels.append_attention), SmolLM2 full and a2sf at 1k, the 7B h2o at 2k;
 #                                           targets-smollm2 (ours); the GPU tests of test_kernels and test_fast
 #   bash scripts/gpu_issue18.sh prefill-host  scripts/host_probe.py --prefill (each prefill row's host ops)
+#   bash scripts/gpu_issue18.sh all1        the closing run (nvidia-h200-x2, two calls): the landed main's targets-smollm2,
+#                                           targets-7b on GPU 1 beside this checkout's targets-smollm2, targets-7b-short
+#                                           (transformers' rows with them) on GPU 0; r/all/ab.md
+#   bash scripts/gpu_issue18.sh all2        then this checkout's targets-7b-long and the GPU tests (GPU 0), the
+#                                           token-by-token rows (GPU 1); in r/all/ beside all1's
+#   bash scripts/gpu_issue18.sh split       the column sums' split loop: its GPU tests, kernel_probe --configs --split,
+#                                           the 7B's 32k rows without and with it (nvidia-h200-x2)
 #   bash scripts/gpu_issue18.sh final       this checkout's targets-smollm2 (with transformers') and targets-7b-short,
 #                                           the landed main's full 1k rows of both models beside them (one call)
 #   bash scripts/gpu_issue18.sh final-long  the GPU tests of test_kernels and test_fast, then targets-7b-long
@@ -206,6 +213,39 @@ split)  # on an nvidia-h200-x2: GPU 0 the column sums' GPU tests (both loops, au
     cat $OUT/7b-32k${flags:+-split}.txt
   done
   wait
+  ;;
+all1)  # the closing run's first call, on an nvidia-h200-x2 (carry [".whl", "old"]): GPU 1 the landed main's (old/)
+  # targets-smollm2 and targets-7b; GPU 0 this checkout's targets-smollm2 and targets-7b-short, transformers' rows with them
+  mkdir -p $OUT/r/all
+  (cd old && export CUDA_VISIBLE_DEVICES=1
+   for plan in targets-smollm2 targets-7b; do
+     timeout 330 python bench.py --plan $plan --no-hf --weights random --out $OUT/r/all/old-$plan.json 2>&1 | quiet \
+       | grep "^|\|^#\|Error" | grep -v "^|--" > $OUT/r/all/old-$plan.log
+   done) &
+  for plan in targets-smollm2 targets-7b-short; do
+    CUDA_VISIBLE_DEVICES=0 timeout 300 python bench.py --plan $plan --weights random --out $OUT/r/all/new-$plan.json 2>&1 \
+      | quiet | grep "^|\|^#\|Error" | grep -v "^|--" > $OUT/r/all/new-$plan.log
+  done
+  wait
+  cat $OUT/r/all/*.log
+  python scripts/ab_summary.py $OUT/r/all | tee $OUT/r/all/ab.md
+  ;;
+all2)  # the closing run's second call: GPU 0 this checkout's targets-7b-long, then the GPU tests of test_kernels and
+  # test_fast; GPU 1 the token-by-token rows (as `tokenwise`: the landed main eager, this checkout eager, graph, compiled)
+  mkdir -p $OUT/r/all
+  (export CUDA_VISIBLE_DEVICES=1
+   timeout 150 python scripts/tokenwise_ab.py old --tokens 512 2>&1 | quiet | grep "##\|Error" > $OUT/r/all/tokenwise.log
+   timeout 150 python scripts/tokenwise_ab.py . --ways eager --tokens 512 2>&1 | quiet | grep "##\|Error" \
+     >> $OUT/r/all/tokenwise.log
+   timeout 220 python scripts/tokenwise_ab.py . --ways graph,compiled --reps 3 2>&1 | quiet | grep "##\|Error" \
+     >> $OUT/r/all/tokenwise.log) &
+  CUDA_VISIBLE_DEVICES=0 timeout 330 python bench.py --plan targets-7b-long --no-hf --weights random \
+    --out $OUT/r/all/new-targets-7b-long.json 2>&1 | quiet | grep "^|\|^#\|Error" | grep -v "^|--" \
+    > $OUT/r/all/new-targets-7b-long.log
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python -m pytest -p no:warnings -m gpu tests/test_kernels.py tests/test_fast.py 2>&1 \
+    | tail -n 4 > $OUT/r/all/gpu-tests.log
+  wait
+  cat $OUT/r/all/*.log
   ;;
 final)  # one call: this checkout's targets-smollm2 (transformers' rows too) and targets-7b-short, the landed main's
   # (old/) full 1k rows beside them

@@ -7,13 +7,15 @@ sums under each of its launch configs (kernels.COLUMN_SUMS_CONFIGS) and the auto
 
 import functools
 import math
+import pathlib
 import sys
 
 import torch
 import torch.nn.functional as F
 
-import model
-from fast import kernels
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repository's modules
+import model  # noqa: E402
+from fast import kernels  # noqa: E402
 
 
 def timed(fn, *args, reps=20):
