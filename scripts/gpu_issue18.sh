@@ -247,6 +247,22 @@ all2)  # the closing run's second call: GPU 0 this checkout's targets-7b-long, t
   wait
   cat $OUT/r/all/*.log
   ;;
+capture)  # the token-by-token compiled step's capture error (all2): the traceback and recompiles, then one switch off
+  # at a time (tokenwise_ab.py --set), two GPUs; the GPU tests of test_tokenwise
+  tw() { timeout 120 python scripts/tokenwise_ab.py . --ways compiled --policies a2sf --tokens 64 "$@" 2>&1; }
+  (export CUDA_VISIBLE_DEVICES=0
+   TORCH_LOGS=recompiles tw | quiet | tail -n 60 > $OUT/r/capture-default.log
+   for s in fast.step.EMBED=False fast.model.JOIN=False fast.step.INDUCTOR_PDL=False; do
+     echo "# $s: $(tw --set $s | grep '##\|Error' | tail -n 2)" >> $OUT/r/capture-bisect0.log
+   done) &
+  (export CUDA_VISIBLE_DEVICES=1
+   for s in fast.kernels.PDL=False fast.model.ROWS=False fast.model.APPEND=False; do
+     echo "# $s: $(tw --set $s | grep '##\|Error' | tail -n 2)" >> $OUT/r/capture-bisect1.log
+   done
+   timeout 150 python -m pytest -p no:warnings -m gpu tests/test_tokenwise.py 2>&1 | tail -n 15 > $OUT/r/capture-tests.log) &
+  wait
+  cat $OUT/r/capture-*.log
+  ;;
 final)  # one call: this checkout's targets-smollm2 (transformers' rows too) and targets-7b-short, the landed main's
   # (old/) full 1k rows beside them
   timeout 230 python bench.py --plan targets-smollm2 --weights random --profile --out $OUT/r/new-targets-smollm2.json 2>&1 \

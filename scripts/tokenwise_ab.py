@@ -16,6 +16,7 @@ bfloat16 on CUDA, float32 on the CPU), e.g. `DEV=cpu MODEL=tiny python scripts/t
 --context 64 --batch 4`. bench.py --plan tokenwise times the same ways for this checkout alone.
 """
 import argparse
+import ast
 import os
 import statistics
 import sys
@@ -30,6 +31,8 @@ ap.add_argument("--tokens", type=int, default=None, help="time the first N token
 ap.add_argument("--batch", type=int, default=64)
 ap.add_argument("--ways", default="eager,graph,compiled", help="this checkout's ways (the landed main: eager only)")
 ap.add_argument("--reps", type=int, default=1, help="timed feeds per way (the median is printed)")
+ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                help="a fast-module switch for this run, e.g. fast.step.EMBED=False (this checkout only; repeatable)")
 args = ap.parse_args()
 
 d = args.dir
@@ -47,6 +50,12 @@ dtype = getattr(torch, os.environ.get("DTYPE", "bfloat16" if dev.type == "cuda" 
 m = bench.build_model(os.environ.get("MODEL", "smollm2"), dev, dtype, "random")[0]
 if new:
     m = bench.fast.enable(m)  # build_model has already; enable is idempotent
+for setting in args.set:
+    name, _, value = setting.partition("=")
+    module, _, attr = name.rpartition(".")
+    if not hasattr(sys.modules.get(module), attr):
+        sys.exit(f"--set {setting!r}: give MODULE.NAME=VALUE with a loaded module's setting, e.g. fast.step.EMBED=False")
+    setattr(sys.modules[module], attr, ast.literal_eval(value))
 KV = bench.fast.KVCache if new else bench.KVCache
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 ways = [w for w in args.ways.split(",") if w] if new else ["eager"]
