@@ -67,20 +67,27 @@ def graph_decode(model, cache, warmup: int = 2):
 class CudaGraphStep:
     """Runs `step` for the first `warmup` calls (real decode steps: they compile it), then
     captures one call as a CUDA graph and replays it from then on. The step must keep its state
-    in place and never sync with the host; its Python side runs once, at capture."""
+    in place and never sync with the host; its Python side runs once, at capture.
+
+    Every call, warm-up and capture alike, hands the step one buffer, `self.tokens`, the call's tokens
+    copied in: a compiled step sees the same strides at capture as in its warm-up, so torch.compile has
+    nothing to recompile there (a recompile inside the capture autotunes inductor's new kernels, which
+    syncs with the host: a CUDA error. generate.feed passes slices of the prompt, (B, T)-strided; a
+    fresh clone at capture was (B, 1)-strided)."""
 
     def __init__(self, step, warmup: int = 2):
-        self.step, self.warmup, self.graph = step, warmup, None
+        self.step, self.warmup, self.graph, self.tokens = step, warmup, None, None
 
     def __call__(self, tokens):
+        if self.tokens is None:
+            self.tokens = torch.empty_like(tokens, memory_format=torch.contiguous_format)  # (B, 1) the step's input
+        self.tokens.copy_(tokens)
         if self.graph is None and self.warmup > 0:
             self.warmup -= 1
-            return self.step(tokens)
+            return self.step(self.tokens)
         if self.graph is None:
-            self.tokens = tokens.clone()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.logits = self.step(self.tokens)  # recorded, not run: the replay below runs it
-        self.tokens.copy_(tokens)
         self.graph.replay()
         return self.logits

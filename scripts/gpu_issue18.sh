@@ -43,6 +43,9 @@
 #                                           (transformers' rows with them) on GPU 0; r/all/ab.md
 #   bash scripts/gpu_issue18.sh all2        then this checkout's targets-7b-long and the GPU tests (GPU 0), the
 #                                           token-by-token rows (GPU 1); in r/all/ beside all1's
+#   bash scripts/gpu_issue18.sh capture     the token-by-token compiled step's capture error: traceback, one switch off at a time
+#   bash scripts/gpu_issue18.sh tokenwise2  the token-by-token rows (GPU 1) beside the GPU tests of test_tokenwise, test_fast,
+#                                           test_kernels, test_gpu (GPU 0)
 #   bash scripts/gpu_issue18.sh split       the column sums' split loop: its GPU tests, kernel_probe --configs --split,
 #                                           the 7B's 32k rows without and with it (nvidia-h200-x2)
 #   bash scripts/gpu_issue18.sh final       this checkout's targets-smollm2 (with transformers') and targets-7b-short,
@@ -262,6 +265,20 @@ capture)  # the token-by-token compiled step's capture error (all2): the traceba
    timeout 150 python -m pytest -p no:warnings -m gpu tests/test_tokenwise.py 2>&1 | tail -n 15 > $OUT/r/capture-tests.log) &
   wait
   cat $OUT/r/capture-*.log
+  ;;
+tokenwise2)  # after the capture fix: GPU 1 the token-by-token rows (as `tokenwise`), GPU 0 the GPU tests
+  mkdir -p $OUT/r/all
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout 300 python -m pytest -p no:warnings -m gpu tests/test_tokenwise.py tests/test_fast.py tests/test_kernels.py \
+     tests/test_gpu.py 2>&1 | tail -n 15 > $OUT/r/all/gpu-tests-2.log) &
+  export CUDA_VISIBLE_DEVICES=1
+  timeout 150 python scripts/tokenwise_ab.py old --tokens 512 2>&1 | quiet | grep "##\|Error" > $OUT/r/all/tokenwise-2.log
+  timeout 150 python scripts/tokenwise_ab.py . --ways eager --tokens 512 2>&1 | quiet | grep "##\|Error" \
+    >> $OUT/r/all/tokenwise-2.log
+  timeout 250 python scripts/tokenwise_ab.py . --ways graph,compiled --reps 3 2>&1 | quiet | grep "##\|Error" \
+    >> $OUT/r/all/tokenwise-2.log
+  wait
+  cat $OUT/r/all/*-2.log
   ;;
 final)  # one call: this checkout's targets-smollm2 (transformers' rows too) and targets-7b-short, the landed main's
   # (old/) full 1k rows beside them

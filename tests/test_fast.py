@@ -27,6 +27,7 @@ from helpers import run_through, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch._dynamo.testing import CompileCounter
 
 import cache as cache_mod
 import fast
@@ -387,6 +388,23 @@ def test_graph_decode_on_the_cpu_is_the_plain_step():
         for i in range(14):
             torch.testing.assert_close(step(tokens[:, i:i + 1]), ref(tokens[:, i:i + 1], slow), rtol=0, atol=1e-5)
     assert [quick.kept_positions(k) for k in range(2)] == [slow.kept_positions(k) for k in range(2)]
+
+
+def test_a_cuda_graph_step_compiles_once_whatever_the_strides_of_its_tokens(monkeypatch):
+    """CudaGraphStep hands its step one buffer in the warm-up calls and at the capture: a compiled step
+    compiles once though generate.feed calls it with slices of a prompt ((B, T)-strided). A recompile
+    inside a CUDA graph's capture autotunes inductor's new kernels, a host sync: a CUDA error (issue 18's
+    token-by-token run). The graph faked on the CPU: the capture runs its body, a replay does nothing."""
+    counter = CompileCounter()
+    step = torch.compile(lambda t: t * 2 + 1, backend=counter, fullgraph=True, dynamic=False)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("FakeGraph", (), {"replay": lambda self: None})())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+    graphed = fast.CudaGraphStep(step, warmup=2)
+    prompt = torch.arange(24).view(3, 8)
+    got = [graphed(prompt[:, s:s + 1]).clone() for s in range(1, 6)]  # two warm-ups, the capture, two replays
+    assert counter.frame_count == 1
+    for s in range(1, 4):  # the warm-ups' and the capture's own results (a fake replay computes nothing)
+        assert torch.equal(got[s - 1], prompt[:, s:s + 1] * 2 + 1)
 
 
 
