@@ -44,6 +44,7 @@
 #   bash scripts/gpu_issue18.sh all2        then this checkout's targets-7b-long and the GPU tests (GPU 0), the
 #                                           token-by-token rows (GPU 1); in r/all/ beside all1's
 #   bash scripts/gpu_issue18.sh capture     the token-by-token compiled step's capture error: traceback, one switch off at a time
+#   bash scripts/gpu_issue18.sh capture2    scripts/capture_probe.py: the graph step against eager calls, a chunk-1 stream, bf16
 #   bash scripts/gpu_issue18.sh tokenwise2  the token-by-token rows (GPU 1) beside the GPU tests of test_tokenwise, test_fast,
 #                                           test_kernels, test_gpu (GPU 0)
 #   bash scripts/gpu_issue18.sh split       the column sums' split loop: its GPU tests, kernel_probe --configs --split,
@@ -279,6 +280,17 @@ tokenwise2)  # after the capture fix: GPU 1 the token-by-token rows (as `tokenwi
     >> $OUT/r/all/tokenwise-2.log
   wait
   cat $OUT/r/all/*-2.log
+  ;;
+capture2)  # scripts/capture_probe.py: the graph (and compiled) step against the eager calls through a streaming chunk-1
+  # cache before it is full, bf16; as is, then one switch off at a time, on two GPUs
+  cp() { timeout 100 python scripts/capture_probe.py "$@" 2>&1 | quiet | grep "^##\|Error" | tail -n 4; }
+  (export CUDA_VISIBLE_DEVICES=0
+   (cp; cp --compiled; cp --set fast.model.JOIN=False; cp --set fast.model.APPEND=False) > $OUT/r/capture2-0.log) &
+  (export CUDA_VISIBLE_DEVICES=1
+   (cp --set fast.kernels.PDL=False; cp --set fast.cache.FIND_SLOT=0; cp --set fast.model.ROWS=False
+    cp --set fast.cache.START_IN_EVICT=False) > $OUT/r/capture2-1.log) &
+  wait
+  cat $OUT/r/capture2-*.log
   ;;
 final)  # one call: this checkout's targets-smollm2 (transformers' rows too) and targets-7b-short, the landed main's
   # (old/) full 1k rows beside them
