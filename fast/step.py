@@ -24,9 +24,13 @@ INDUCTOR_PDL = True
 
 
 # The step's embedding and rotary angles compiled too (fast.model.Transformer.embed_and_angles: a kernel or two
-# where the eager ops are about nine, a few microseconds each in SmolLM2's launch-bound step). False: eager
-# (bench.py --no-embed, to time the two side by side).
-EMBED = True
+# where the eager ops are about nine, a few microseconds each in SmolLM2's launch-bound step; 1.024x on its step,
+# 1.005x on the 7B's, scripts/pdl_ab.py --ab embed). Off: on the H200, bf16, a chunk-1 stream fed through the
+# compiled step with it on replayed logits up to 2.0 away from the eager calls' from the second replay on, and
+# exactly the eager ones with it off (scripts/capture_probe.py --compiled, --set fast.step.EMBED=False; issue
+# 18, session 10; the cause not found: with inductor's PDL off the drift came later, so a launch-order race is
+# the suspect). bench.py --embed: on, to time it.
+EMBED = False
 
 
 def compile_decode(model, cache, backend: str | None = None, warmup: int = 2, dynamic: bool | None = None):

@@ -225,3 +225,29 @@ def test_feed_through_a_cuda_graph_equals_the_plain_feed_on_cuda(policy_name, wa
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
         assert kept(stepped) == kept(plain)
     assert step.graph is not None  # captured, and replayed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy_name", ["sink", "a2sf", "h2o"])
+def test_the_compiled_step_in_bf16_replays_the_eager_calls_of_a_chunk_1_stream_on_cuda(policy_name):
+    """SmolLM2's shape, random bf16 weights (the fast kernels' dtype; the fp32 test above runs none of
+    them): 96 tokens through a streaming chunk-1 cache of budget 64 (not full for 63 calls, then
+    evicting), each call after the first through fast.compile_decode's CUDA graph, against the eager
+    call `model(tokens, cache)` on a second cache. Session 10 found the compiled embedding
+    (fast.step.EMBED) drifting by up to 2.0 from the second replay on (scripts/capture_probe.py);
+    bf16's rounding of a logit of ~10 is 0.06."""
+    torch._dynamo.reset()
+    m = bench.build_model("smollm2", torch.device("cuda"), torch.bfloat16, "random")[0]
+    p = policies.make_policy(policy_name, 64)
+    eager, stepped = (fast.KVCache(m.cfg, p, 64, chunk=1, device="cuda", dtype=torch.bfloat16, max_len=96)
+                      for _ in range(2))
+    step = fast.compile_decode(m, stepped)
+    tokens = torch.randint(0, m.cfg.vocab_size, (1, 96), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        for i in range(96):
+            want = m(tokens[:, i:i + 1], eager)
+            got = (m(tokens[:, i:i + 1], stepped) if i == 0 else step(tokens[:, i:i + 1])).clone()
+            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.25, msg=f"call {i}")
+    assert step.graph is not None
+    assert all(eager.kept_positions(k) == stepped.kept_positions(k) for k in range(m.cfg.n_layers))
