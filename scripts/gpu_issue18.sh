@@ -45,6 +45,8 @@
 #                                           token-by-token rows (GPU 1); in r/all/ beside all1's
 #   bash scripts/gpu_issue18.sh capture     the token-by-token compiled step's capture error: traceback, one switch off at a time
 #   bash scripts/gpu_issue18.sh capture2    scripts/capture_probe.py: the graph step against eager calls, a chunk-1 stream, bf16
+#   bash scripts/gpu_issue18.sh verify      session 10's open ends: every -m gpu test (the model carried in two calls), the
+#                                           compiled step's drift probes, targets-smollm2 and token by token with EMBED off
 #   bash scripts/gpu_issue18.sh tokenwise2  the token-by-token rows (GPU 1) beside the GPU tests of test_tokenwise, test_fast,
 #                                           test_kernels, test_gpu (GPU 0)
 #   bash scripts/gpu_issue18.sh split       the column sums' split loop: its GPU tests, kernel_probe --configs --split,
@@ -291,6 +293,26 @@ capture2)  # scripts/capture_probe.py: the graph (and compiled) step against the
     cp --set fast.cache.START_IN_EVICT=False) > $OUT/r/capture2-1.log) &
   wait
   cat $OUT/r/capture2-*.log
+  ;;
+verify)  # session 10's open ends, one call on an nvidia-h200-x2 carrying [".whl", ".gguf_b"] right after a call that
+  # carried [".whl", ".gguf_a"] (`source scripts/gpu_setup.sh`: the model's first half into /root/keep). GPU 0: every
+  # -m gpu test of the fast path and the real model (the new bf16 chunk-1 test among them). GPU 1: capture_probe.py
+  # --compiled as it is (EMBED off), then EMBED on with inductor's PDL off, with fast.kernels' PDL off; this checkout's
+  # targets-smollm2 (EMBED off); the token-by-token graph and compiled steps (EMBED off)
+  mkdir -p $OUT/r/verify
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout 420 python -m pytest -p no:warnings -m gpu tests/test_tokenwise.py tests/test_fast.py tests/test_kernels.py \
+     tests/test_gpu.py 2>&1 | tail -n 15 > $OUT/r/verify/gpu-tests.log) &
+  export CUDA_VISIBLE_DEVICES=1
+  cp() { timeout 100 python scripts/capture_probe.py --compiled "$@" 2>&1 | quiet | grep "^##\|Error" | tail -n 4; }
+  (cp; cp --set fast.step.EMBED=True --set fast.step.INDUCTOR_PDL=False
+   cp --set fast.step.EMBED=True --set fast.kernels.PDL=False) > $OUT/r/verify/capture.log
+  timeout 150 python bench.py --plan targets-smollm2 --no-hf --weights random --out $OUT/r/verify/new-targets-smollm2.json \
+    2>&1 | quiet | grep "^|\|^#\|Error" | grep -v "^|--" > $OUT/r/verify/new-targets-smollm2.log
+  timeout 200 python scripts/tokenwise_ab.py . --ways graph,compiled --reps 3 2>&1 | quiet | grep "##\|Error" \
+    > $OUT/r/verify/tokenwise.log
+  wait
+  cat $OUT/r/verify/*.log
   ;;
 final)  # one call: this checkout's targets-smollm2 (transformers' rows too) and targets-7b-short, the landed main's
   # (old/) full 1k rows beside them
