@@ -285,12 +285,12 @@ tokenwise2)  # after the capture fix: GPU 1 the token-by-token rows (as `tokenwi
   ;;
 capture2)  # scripts/capture_probe.py: the graph (and compiled) step against the eager calls through a streaming chunk-1
   # cache before it is full, bf16; as is, then one switch off at a time, on two GPUs
-  cp() { timeout 100 python scripts/capture_probe.py "$@" 2>&1 | quiet | grep "^##\|Error" | tail -n 4; }
+  probe() { timeout 100 python scripts/capture_probe.py "$@" 2>&1 | quiet | grep "^##\|Error" | tail -n 4; }
   (export CUDA_VISIBLE_DEVICES=0
-   (cp; cp --compiled; cp --set fast.model.JOIN=False; cp --set fast.model.APPEND=False) > $OUT/r/capture2-0.log) &
+   (probe; probe --compiled; probe --set fast.model.JOIN=False; probe --set fast.model.APPEND=False) > $OUT/r/capture2-0.log) &
   (export CUDA_VISIBLE_DEVICES=1
-   (cp --set fast.kernels.PDL=False; cp --set fast.cache.FIND_SLOT=0; cp --set fast.model.ROWS=False
-    cp --set fast.cache.START_IN_EVICT=False) > $OUT/r/capture2-1.log) &
+   (probe --set fast.kernels.PDL=False; probe --set fast.cache.FIND_SLOT=0; probe --set fast.model.ROWS=False
+    probe --set fast.cache.START_IN_EVICT=False) > $OUT/r/capture2-1.log) &
   wait
   cat $OUT/r/capture2-*.log
   ;;
@@ -304,9 +304,9 @@ verify)  # session 10's open ends, one call on an nvidia-h200-x2 carrying [".whl
    timeout 420 python -m pytest -p no:warnings -m gpu tests/test_tokenwise.py tests/test_fast.py tests/test_kernels.py \
      tests/test_gpu.py 2>&1 | tail -n 15 > $OUT/r/verify/gpu-tests.log) &
   export CUDA_VISIBLE_DEVICES=1
-  cp() { timeout 100 python scripts/capture_probe.py --compiled "$@" 2>&1 | quiet | grep "^##\|Error" | tail -n 4; }
-  (cp; cp --set fast.step.EMBED=True --set fast.step.INDUCTOR_PDL=False
-   cp --set fast.step.EMBED=True --set fast.kernels.PDL=False) > $OUT/r/verify/capture.log
+  probe() { timeout 100 python scripts/capture_probe.py --compiled "$@" 2>&1 | quiet | grep "^##\|Error" | tail -n 4; }
+  (probe; probe --set fast.step.EMBED=True --set fast.step.INDUCTOR_PDL=False
+   probe --set fast.step.EMBED=True --set fast.kernels.PDL=False) > $OUT/r/verify/capture.log
   timeout 150 python bench.py --plan targets-smollm2 --no-hf --weights random --out $OUT/r/verify/new-targets-smollm2.json \
     2>&1 | quiet | grep "^|\|^#\|Error" | grep -v "^|--" > $OUT/r/verify/new-targets-smollm2.log
   timeout 200 python scripts/tokenwise_ab.py . --ways graph,compiled --reps 3 2>&1 | quiet | grep "##\|Error" \
