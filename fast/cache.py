@@ -109,11 +109,12 @@ class LayerCache(reference.LayerCache):
         call, mask and state as append's; VATP's nu (policies.token_state's ||v||_1) from the kernel, where
         evict starts it (START_IN_EVICT)."""
         slots = self.step_slots(k.shape[0], positions)
-        fresh = self.fresh_state(k, v, slots)
-        value_l1 = "nu" in fresh and fresh["nu"].dtype == torch.float32  # VATP's nu = ||v||_1 (policies.token_state)
+        # VATP's nu = ||v||_1 (policies.token_state) where evict starts it
+        value_l1 = START_IN_EVICT and "nu" in self.state and self.state["nu"].dtype == torch.float32
         out, probs, mask, slots, nu = kernels.append_attention(q, k, v, angles, slots, positions, self.k, self.v,
                                                                self.pos, self.valid, window, self.needs_probs,
                                                                value_l1=value_l1)
+        fresh = self.fresh_state(k, v, slots)  # into the slots given, or the ones the kernel found
         if value_l1:  # computed in the kernel: no kernel of its own (token_state's reduction goes unused)
             fresh["nu"] = nu
         return out, probs, self.new_call(positions, slots), mask, fresh

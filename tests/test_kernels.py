@@ -364,15 +364,18 @@ def kernels_on_cpu(monkeypatch):
 
 # budget 10 evicts (prompt and decode steps); 64 evicts nothing. On CUDA in bf16 a near-tie of
 # scores may break the other way, so there the scored policies run only at 64, the state compared.
-# (policy, budget, join): the append kernel joined to the attention's (fast.model.JOIN) for every policy,
-# and apart for two
-MODEL_CASES = [(p, 64 if p == "full" or (DEVICE == "cuda" and p not in ("sink", "random")) else 10, True)
+# (policy, budget, join, start_in_evict): the append kernel joined to the attention's (fast.model.JOIN) for
+# every policy, and apart for two; the new token's state started by start_state (fast.cache.START_IN_EVICT off)
+# for two, joined (the slot then known only once the kernel has found it)
+MODEL_CASES = [(p, 64 if p == "full" or (DEVICE == "cuda" and p not in ("sink", "random")) else 10, True, True)
                for p in ("h2o", "a2sf", "vatp", "tova", "snapkv", "h2o_mean", "sink", "random", "full")]
-MODEL_CASES += [(p, b, False) for p, b, _ in MODEL_CASES if p in ("h2o", "full")]
+MODEL_CASES += [(p, b, False, True) for p, b, _, _ in MODEL_CASES if p in ("h2o", "full")]
+MODEL_CASES += [(p, b, True, False) for p, b, _, _ in MODEL_CASES[:3] if p in ("a2sf", "vatp")]
 
 
-@pytest.mark.parametrize("policy_name,budget,join", MODEL_CASES)
-def test_model_fast_paths_with_kernels_equal_the_reference(kernels_on_cpu, monkeypatch, policy_name, budget, join):
+@pytest.mark.parametrize("policy_name,budget,join,start_in_evict", MODEL_CASES)
+def test_model_fast_paths_with_kernels_equal_the_reference(kernels_on_cpu, monkeypatch, policy_name, budget, join,
+                                                           start_in_evict):
     """A prompt (prefill mode: the prompt's twin with the fused causal attention and column sums,
     rank_prompt) then decode steps (the append kernel and the decode kernel, joined in one or apart, the
     fused projections of fast.model.Block, evict_one, full's slot by position) on the
@@ -380,6 +383,7 @@ def test_model_fast_paths_with_kernels_equal_the_reference(kernels_on_cpu, monke
     same logits, the same policy state, and the same tokens kept in every layer and head after
     every call."""
     monkeypatch.setattr(fast.model, "JOIN", join)
+    monkeypatch.setattr(fast.cache, "START_IN_EVICT", start_in_evict)
     calls = {"decode_attention": 0, "column_sums": 0, "linear_rows": 0, "append_step": 0, "append_attention": 0}
     for name in calls:
         original = getattr(kernels, name)
