@@ -32,6 +32,10 @@ INDUCTOR_PDL = True
 # deterministic, yet with INDUCTOR_PDL off it began later (after 7 exact calls). bench.py --embed: on, to time it.
 EMBED = False
 
+# Inductor options for the compiled embedding and angles alone (EMBED): eager CUDA's libdevice and division,
+# so that the compiled cos and sin can be the eager ones bit for bit (scripts/angles_probe.py: which do).
+EMBED_NUMERICS = {"eager_numerics.use_pytorch_libdevice": True, "eager_numerics.division_rounding": True}
+
 
 def compile_decode(model, cache, backend: str | None = None, warmup: int = 2, dynamic: bool | None = None):
     """The decode step, score update and eviction included, with each transformer block compiled
@@ -53,8 +57,9 @@ def compile_decode(model, cache, backend: str | None = None, warmup: int = 2, dy
                and hasattr(torch._inductor.config, "triton.enable_pdl") else None)
     block_fn = torch.compile(type(model.layers[0]).forward, backend=backend, fullgraph=True, dynamic=dynamic,
                              options=options)
+    numerics = {k: v for k, v in EMBED_NUMERICS.items() if backend == "inductor" and hasattr(torch._inductor.config, k)}
     embed_fn = (torch.compile(type(model).embed_and_angles, backend=backend, fullgraph=True, dynamic=dynamic,
-                              options=options) if EMBED else None)
+                              options={**(options or {}), **numerics} or None) if EMBED else None)
     step = lambda tokens: model(tokens, cache, block_fn=block_fn, embed_fn=embed_fn)  # noqa: E731
     return CudaGraphStep(step, warmup) if cache.device.type == "cuda" else step
 

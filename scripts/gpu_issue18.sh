@@ -314,6 +314,24 @@ verify)  # session 10's open ends, one call on an nvidia-h200-x2 carrying [".whl
   wait
   cat $OUT/r/verify/*.log
   ;;
+embed)  # session 11: the compiled embedding's drift. GPU 0: scripts/angles_probe.py (compiled rotary angles against
+  # eager, under inductor's eager_numerics options), capture_probe.py --compiled with EMBED on (fast.step.EMBED_NUMERICS
+  # as is, then none); GPU 1: SmolLM2 full 1k, EMBED off then on, twice
+  mkdir -p $OUT/r/embed
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout 300 python scripts/angles_probe.py 2>&1 | quiet | grep "^|\|^#\|Error" > $OUT/r/embed/angles.log
+   probe() { timeout 100 python scripts/capture_probe.py --compiled "$@" 2>&1 | quiet | grep "^##\|Error" | tail -n 4; }
+   (probe --set fast.step.EMBED=True; probe --set fast.step.EMBED=True --set "fast.step.EMBED_NUMERICS={}") \
+     > $OUT/r/embed/capture.log) &
+  export CUDA_VISIBLE_DEVICES=1
+  for rep in 1 2; do for flag in "" --embed; do
+    timeout 90 python bench.py --models smollm2 --contexts 1024 --long "" --batches 1 --policies full --no-hf \
+      --weights random $flag --out $OUT/r/embed/smollm2-1k-$rep$flag.json 2>&1 | quiet | grep "^| smollm2" \
+      | sed "s/^/$rep ${flag:-off} /" >> $OUT/r/embed/bench.log
+  done; done
+  wait
+  cat $OUT/r/embed/*.log
+  ;;
 final)  # one call: this checkout's targets-smollm2 (transformers' rows too) and targets-7b-short, the landed main's
   # (old/) full 1k rows beside them
   timeout 230 python bench.py --plan targets-smollm2 --weights random --profile --out $OUT/r/new-targets-smollm2.json 2>&1 \
