@@ -367,8 +367,8 @@ SWITCHES = [
      " (fast.model.APPEND off), to time beside the one kernel (kernels.append_step)"),
     ("--no-join", fast.model, "JOIN", True, False, "the decode step's append kernel and attention kernel apart"
      " (fast.model.JOIN off), to time beside the two in one (kernels.append_attention)"),
-    ("--embed", fast.step, "EMBED", False, True, "the decode step's embedding and rotary angles compiled"
-     " (fast.step.EMBED on; off by default: its CUDA-graph replays drift from the eager step, see fast/step.py)"),
+    ("--no-embed", fast.step, "EMBED", True, False, "the decode step's embedding and rotary angles as eager ops"
+     " (fast.step.EMBED off), to time beside them compiled (cos and sin eager: fast.step.compiled_embedding)"),
     ("--no-colsum-split", fast.kernels, "COLUMN_SUMS_SPLIT", True, False, "the prompt's column sums in one loop, the"
      " row weight multiplied and the mask on every tile (fast.kernels.COLUMN_SUMS_SPLIT off), to time beside the split loop"),
 ]

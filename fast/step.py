@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+import model as reference
 from fast import kernels
 
 # Where fast.kernels launches with programmatic dependent launch (kernels.PDL), inductor's kernels in the
@@ -23,18 +24,38 @@ from fast import kernels
 INDUCTOR_PDL = True
 
 
-# The step's embedding and rotary angles compiled too (fast.model.Transformer.embed_and_angles: a kernel or two
-# where the eager ops are about nine, a few microseconds each in SmolLM2's launch-bound step; 1.024x on its step,
-# 1.005x on the 7B's, scripts/pdl_ab.py --ab embed). Off: on the H200, bf16, a chunk-1 stream fed through the
-# compiled step with it on replayed logits up to 2.0 away from the eager calls' from the second replay on, and
-# exactly the eager ones with it off (scripts/capture_probe.py --compiled, --set fast.step.EMBED=False; issue
-# 18, session 10). The cause is not found: the same drift for sink, a2sf and h2o (1.25, then 2.0) looks
-# deterministic, yet with INDUCTOR_PDL off it began later (after 7 exact calls). bench.py --embed: on, to time it.
-EMBED = False
+# The step's embedding and rotary angles compiled too (compiled_embedding: a kernel or two and an eager cos and
+# sin, where the eager ops are about thirteen, a few microseconds each in SmolLM2's launch-bound step; 1.036x on
+# its step, scripts/gpu_issue18.sh embed, issue 18 session 11). Session 10 compiled cos and sin too: Triton's
+# libdevice puts them up to 3e-5 from eager CUDA's (scripts/angles_probe.py), and the bf16 logits of a chunk-1
+# stream drifted up to 2.0 from the eager step's. bench.py --no-embed: off, to time it.
+EMBED = True
 
-# Inductor options for the compiled embedding and angles alone (EMBED): eager CUDA's libdevice and division,
-# so that the compiled cos and sin can be the eager ones bit for bit (scripts/angles_probe.py: which do).
-EMBED_NUMERICS = {"eager_numerics.use_pytorch_libdevice": True, "eager_numerics.division_rounding": True}
+
+def embed_and_phases(model, tokens, positions, inv_freq):
+    """model.Transformer.embed, and model.rotary_angles up to its cos and sin: the embedding (B, T, dim)
+    and the phases positions * inv_freq (B, 1, T, D) fp32 for positions (B, T). Compiled, the conversion,
+    the product and the copy are the eager ones bit for bit (cos and sin are not: compiled_embedding)."""
+    phases = positions[:, None, :].float()[..., None] * inv_freq  # (B, 1, T, D/2)
+    return model.embed(tokens, positions), torch.cat([phases, phases], -1)  # i and i + D/2 turn alike
+
+
+def compiled_embedding(model, device, compile_fn):
+    """embed_fn for fast.model.Transformer.forward: Transformer.embed_and_angles's results, bit for bit,
+    with embed_and_phases compiled by compile_fn and the phases' cos and sin eager (Triton's are up to
+    3e-5 away). The inverse frequencies are computed once, eagerly, here (a compiled pow is not eager's
+    either). OPT (no rotary): embed_and_angles compiled as it is."""
+    if not model.cfg.rotary:
+        return compile_fn(type(model).embed_and_angles)
+    inv_freq, scale = reference.rope_frequencies(model.cfg, device)  # (D/2,) fp32, and yarn's factor
+    phases_fn = compile_fn(embed_and_phases)
+
+    def embed_fn(m, tokens, positions):
+        x, phases = phases_fn(m, tokens, positions, inv_freq)  # (B, T, dim), (B, 1, T, D)
+        if scale == 1.0:  # model.rotary_angles multiplies by 1.0 then: the same values
+            return x, (phases.cos(), phases.sin())
+        return x, (phases.cos() * scale, phases.sin() * scale)
+    return embed_fn
 
 
 def compile_decode(model, cache, backend: str | None = None, warmup: int = 2, dynamic: bool | None = None):
@@ -55,11 +76,11 @@ def compile_decode(model, cache, backend: str | None = None, warmup: int = 2, dy
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
     options = ({"triton.enable_pdl": True} if INDUCTOR_PDL and backend == "inductor" and kernels.pdl(cache.device)
                and hasattr(torch._inductor.config, "triton.enable_pdl") else None)
-    block_fn = torch.compile(type(model.layers[0]).forward, backend=backend, fullgraph=True, dynamic=dynamic,
-                             options=options)
-    numerics = {k: v for k, v in EMBED_NUMERICS.items() if backend == "inductor" and hasattr(torch._inductor.config, k)}
-    embed_fn = (torch.compile(type(model).embed_and_angles, backend=backend, fullgraph=True, dynamic=dynamic,
-                              options={**(options or {}), **numerics} or None) if EMBED else None)
+
+    def compile_fn(fn):
+        return torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic, options=options)
+    block_fn = compile_fn(type(model.layers[0]).forward)
+    embed_fn = compiled_embedding(model, cache.device, compile_fn) if EMBED else None
     step = lambda tokens: model(tokens, cache, block_fn=block_fn, embed_fn=embed_fn)  # noqa: E731
     return CudaGraphStep(step, warmup) if cache.device.type == "cuda" else step
 

@@ -5,7 +5,8 @@ about 1 ULP in places: inductor's eager_numerics options exist for that.)
 
 `python scripts/angles_probe.py [--model smollm2]`: model.rotary_angles for positions 0 .. N-1 as one
 (1, N) call and as N one-token calls (the decode step's shape), eager, then compiled under each set of
-inductor options; and fast.model.Transformer.embed_and_angles compiled the way fast.step compiles it. One
+inductor options; fast.model.Transformer.embed_and_angles compiled whole (session 10's fast.step); and
+fast.step.compiled_embedding (session 11's: the phases compiled, cos and sin eager). One
 row a set: how many cos and sin values differ from the eager ones, the largest difference, the first
 position that differs.
 """
@@ -20,6 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the r
 import bench  # noqa: E402
 import model as reference  # noqa: E402
 from fast import model as fast_model  # noqa: E402
+from fast import step as fast_step  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--model", default="smollm2")
@@ -74,3 +76,8 @@ with torch.no_grad():
         embed = torch.compile(fast_model.Transformer.embed_and_angles, fullgraph=True, options=options or None)
         tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
         compare(name, "embed_and_angles (1, 1)", lambda p, embed=embed, tok=tok: embed(m, tok, p)[1], one)
+        torch._dynamo.reset()  # fast.step's: embed_and_phases compiled, cos and sin eager
+        embed_fn = fast_step.compiled_embedding(
+            m, dev, lambda fn, options=options: torch.compile(fn, fullgraph=True, options=options or None))
+        compare(name, "compiled_embedding (1, N)", lambda p, embed_fn=embed_fn: embed_fn(m, p * 0, p)[1], whole)
+        compare(name, "compiled_embedding (1, 1)", lambda p, embed_fn=embed_fn: embed_fn(m, p * 0, p)[1], one)

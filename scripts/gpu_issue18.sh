@@ -332,6 +332,26 @@ embed)  # session 11: the compiled embedding's drift. GPU 0: scripts/angles_prob
   wait
   cat $OUT/r/embed/*.log
   ;;
+verify2)  # session 11, with fast.step.compiled_embedding (EMBED on again, cos and sin eager): one call on an
+  # nvidia-h200-x2 carrying [".whl", ".gguf_b"] right after one carrying [".whl", ".gguf_a"]. GPU 0: every -m gpu test
+  # of the fast path and the real model, then targets-7b-short; GPU 1: angles_probe.py, capture_probe.py --compiled,
+  # targets-smollm2 (transformers' rows too), the token-by-token graph and compiled steps
+  mkdir -p $OUT/r/verify2
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout 330 python -m pytest -p no:warnings -m gpu tests/test_tokenwise.py tests/test_fast.py tests/test_kernels.py \
+     tests/test_gpu.py 2>&1 | tail -n 15 > $OUT/r/verify2/gpu-tests.log
+   timeout 190 python bench.py --plan targets-7b-short --no-hf --weights random --out $OUT/r/verify2/new-targets-7b-short.json \
+     2>&1 | quiet | grep "^|\|^#\|Error" | grep -v "^|--" > $OUT/r/verify2/new-targets-7b-short.log) &
+  export CUDA_VISIBLE_DEVICES=1
+  timeout 100 python scripts/angles_probe.py 2>&1 | quiet | grep "^|\|^#\|Error" > $OUT/r/verify2/angles.log
+  timeout 100 python scripts/capture_probe.py --compiled 2>&1 | quiet | grep "^##\|Error" > $OUT/r/verify2/capture.log
+  timeout 220 python bench.py --plan targets-smollm2 --weights random --out $OUT/r/verify2/new-targets-smollm2.json \
+    2>&1 | quiet | grep "^|\|^#\|Error" | grep -v "^|--" > $OUT/r/verify2/new-targets-smollm2.log
+  timeout 150 python scripts/tokenwise_ab.py . --ways graph,compiled --reps 3 2>&1 | quiet | grep "##\|Error" \
+    > $OUT/r/verify2/tokenwise.log
+  wait
+  cat $OUT/r/verify2/*.log
+  ;;
 final)  # one call: this checkout's targets-smollm2 (transformers' rows too) and targets-7b-short, the landed main's
   # (old/) full 1k rows beside them
   timeout 230 python bench.py --plan targets-smollm2 --weights random --profile --out $OUT/r/new-targets-smollm2.json 2>&1 \

@@ -32,18 +32,18 @@ def test_inductor_settings_and_the_no_flags_reach_the_step(tmp_path, monkeypatch
     monkeypatch.setattr(fast.kernels, "PDL", None)
     monkeypatch.setattr(fast.model, "APPEND", True)
     monkeypatch.setattr(fast.model, "JOIN", True)
-    monkeypatch.setattr(fast.step, "EMBED", False)
+    monkeypatch.setattr(fast.step, "EMBED", True)
     monkeypatch.setattr(fast.kernels, "COLUMN_SUMS_SPLIT", True)
     plan = [("tiny", "full", None, 24, 1)]
     monkeypatch.setitem(bench.PLANS, "tiny-one", plan)
     bench.main(["--plan", "tiny-one", "--device", "cpu", "--dtype", "float32", "--no-hf", "--no-compile", "--new-tokens",
                 "2", "--prefill-reps", "1", "--out", str(tmp_path / "o.json"), "--inductor",
                 "combo_kernels=True,aggressive_fusion=True,triton.enable_pdl=True", "--no-rows", "--no-pdl",
-                "--no-append", "--no-join", "--embed", "--no-colsum-split"])
+                "--no-append", "--no-join", "--no-embed", "--no-colsum-split"])
     assert torch._inductor.config.combo_kernels is True and torch._inductor.config.aggressive_fusion is True
     assert torch._inductor.config.triton.enable_pdl is True  # a sub-config's setting, by its dotted name
     assert fast.model.ROWS is False and fast.kernels.PDL is False and fast.model.APPEND is False
-    assert fast.model.JOIN is False and fast.step.EMBED is True and fast.kernels.COLUMN_SUMS_SPLIT is False
+    assert fast.model.JOIN is False and fast.step.EMBED is False and fast.kernels.COLUMN_SUMS_SPLIT is False
 
 
 @pytest.mark.parametrize("setting", ["no_such_setting=1", "combo_kernels"])

@@ -513,6 +513,67 @@ def test_forward_through_block_fn_equals_the_reference_forward(name, case):
         assert all(a is None for a in seen)
 
 
+SCALINGS = {"default": model.RopeScaling(), "linear": model.RopeScaling(kind="linear", factor=2.0),
+            "yarn": model.RopeScaling(kind="yarn", factor=4.0, original_max=32)}  # yarn: cos and sin scaled by 1.139
+EMBED_CALLS = [(1, 0), (1, 99_999), (7, 4093), (64, -3)]  # (tokens a call, first position): one-token and many
+
+
+def embed_calls(cfg, device):
+    """(tokens, positions) (2, T) for each of EMBED_CALLS: the second sequence 5 positions on (left padding
+    makes the first's positions negative in the last call); OPT's within its learned positions."""
+    gen = torch.Generator().manual_seed(0)
+    for T, start in EMBED_CALLS:
+        start = start if cfg.rotary else min(start, cfg.max_seq_len - T - 5)
+        positions = start + torch.arange(T) + torch.tensor([[0], [5]])  # (2, T)
+        yield torch.randint(0, cfg.vocab_size, (2, T), generator=gen).to(device), positions.to(device)
+
+
+def assert_embedding_bit_for_bit(m, embed_fn, calls):
+    for tokens, positions in calls:
+        x, angles = embed_fn(m, tokens, positions)
+        assert torch.equal(x, model.Transformer.embed(m, tokens, positions))
+        if not m.cfg.rotary:
+            assert angles is None
+            continue
+        cos, sin = model.rotary_angles(positions, m.cfg)  # (2, 1, T, D) fp32
+        assert angles[0].shape == cos.shape and angles[0].dtype == torch.float32
+        assert torch.equal(angles[0], cos) and torch.equal(angles[1], sin), f"positions from {int(positions[0, 0])}"
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+@pytest.mark.parametrize("name", MODELS)
+def test_the_compiled_steps_embedding_gives_the_reference_embedding_and_angles_bit_for_bit(name, scaling):
+    """fast.step.compiled_embedding (embed_and_phases compiled, the phases' cos and sin eager, the inverse
+    frequencies computed once) against model.Transformer.embed and model.rotary_angles, torch.equal: one
+    token and many, positions up to 100k (large fp32 arguments), negative ones, yarn's scaled cos and sin.
+    On the CPU the compile is aot_eager's (compile_decode's); test_..._on_cuda below runs inductor."""
+    if name == "tiny-opt" and scaling != "default":
+        pytest.skip("OPT has no rotary embeddings")
+    m = fast.enable(tiny_model(name, rope_scaling=SCALINGS[scaling]))
+    calls = list(embed_calls(m.cfg, "cpu"))
+    compile_fn = lambda fn: torch.compile(fn, backend="aot_eager", fullgraph=True)  # noqa: E731
+    with torch.no_grad():
+        assert_embedding_bit_for_bit(m, fast.step.compiled_embedding(m, torch.device("cpu"), compile_fn), calls)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_the_compiled_steps_embedding_is_the_eager_one_bit_for_bit_under_inductor_on_cuda(scaling):
+    """compile_decode's embed_fn under inductor (triton.enable_pdl as the step compiles it) against the eager
+    embedding and angles, torch.equal, SmolLM2's rotary settings: cos and sin compiled by Triton are up to
+    3e-5 away from eager CUDA's (scripts/angles_probe.py), which is why compiled_embedding keeps them eager
+    (session 10's drift of the compiled step's bf16 logits, up to 2.0)."""
+    torch._dynamo.reset()
+    m = fast.enable(tiny_model("tiny-llama", rope_scaling=SCALINGS[scaling], rope_theta=100000.0).cuda())
+    calls = list(embed_calls(m.cfg, "cuda")) + [
+        (torch.zeros(1, 1, dtype=torch.long, device="cuda"), torch.tensor([[p]], device="cuda")) for p in range(512)]
+    options = {"triton.enable_pdl": True} if hasattr(torch._inductor.config, "triton.enable_pdl") else None
+    compile_fn = lambda fn: torch.compile(fn, backend="inductor", fullgraph=True, options=options)  # noqa: E731
+    with torch.no_grad():
+        assert_embedding_bit_for_bit(m, fast.step.compiled_embedding(m, torch.device("cuda"), compile_fn), calls)
+
+
 def test_rope_with_angles_equals_rotation_by_positions_for_grouped_queries_and_keys():
     m = tiny_model("tiny-llama")
     attn, cfg = m.layers[0].attn, m.cfg
