@@ -352,6 +352,23 @@ verify2)  # session 11, with fast.step.compiled_embedding (EMBED on again, cos a
   wait
   cat $OUT/r/verify2/*.log
   ;;
+smollm2-ab)  # session 11, on an nvidia-h200-x2 (carry [".whl", "old"]): the landed main's targets-smollm2 on GPU 1 and
+  # this checkout's on GPU 0 at the same time (the closing run's protocol), then this checkout's again alone (the 1k
+  # prefill rows are host-bound: verify2's ran beside pytest on the other GPU, a2sf 1k at 1.57x)
+  mkdir -p $OUT/r/ab $OUT/r/solo
+  (cd old && CUDA_VISIBLE_DEVICES=1 timeout 200 python bench.py --plan targets-smollm2 --no-hf --weights random \
+     --out $OUT/r/ab/old-targets-smollm2.json 2>&1 | quiet | grep "^|\|^#\|Error" | grep -v "^|--" \
+     > $OUT/r/ab/old-targets-smollm2.log) &
+  CUDA_VISIBLE_DEVICES=0 timeout 250 python bench.py --plan targets-smollm2 --weights random \
+    --out $OUT/r/ab/new-targets-smollm2.json 2>&1 | quiet | grep "^|\|^#\|Error" | grep -v "^|--" \
+    > $OUT/r/ab/new-targets-smollm2.log
+  wait
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python bench.py --plan targets-smollm2 --no-hf --weights random \
+    --out $OUT/r/solo/new-targets-smollm2.json 2>&1 | quiet | grep "^|\|^#\|Error" | grep -v "^|--" \
+    > $OUT/r/solo/new-targets-smollm2.log
+  cat $OUT/r/ab/*.log $OUT/r/solo/*.log
+  python scripts/ab_summary.py $OUT/r/ab | tee $OUT/r/ab/ab.md
+  ;;
 final)  # one call: this checkout's targets-smollm2 (transformers' rows too) and targets-7b-short, the landed main's
   # (old/) full 1k rows beside them
   timeout 230 python bench.py --plan targets-smollm2 --weights random --profile --out $OUT/r/new-targets-smollm2.json 2>&1 \
