@@ -169,11 +169,11 @@ def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step,
     after each, so even the prefill never holds more than budget + 512 tokens. cache_class: default
     fast.KVCache on a fast model, else cache.KVCache (a tensor-parallel rank passes
     tp.rank_cache_class's). vs_full False: no fused full prefill beside the row's (where the full
-    cache does not fit; "prefill / full" is then nan). reps: timed prefills (default 5, 3 past 8k
-    tokens). The prompt is drawn from `seed` (the same on every rank). graph False: the compiled
-    step without its CUDA graph. dynamic: fast.compile_decode's. -> the row, with its greedy tokens
-    (the prompt's next token, then each decode step's) under "tokens" and, with profile, the
-    all-reduce ms per step."""
+    cache does not fit; "prefill / full" is then nan). reps: timed prefills (default 11 up to 8k prompt
+    tokens in all, 5 up to an 8k context, 3 past). The prompt is drawn from `seed` (the same on every
+    rank). graph False: the compiled step without its CUDA graph. dynamic: fast.compile_decode's. -> the
+    row, with its greedy tokens (the prompt's next token, then each decode step's) under "tokens", each
+    rep's prefill ms, and, with profile, the all-reduce ms per step."""
     cfg = m.cfg
     p = policies.make_policy(policy_name, budget)
     chunk = 512 if mode == "streaming" else 1
@@ -192,8 +192,11 @@ def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step,
 
     # Prefill: the policy's and full's (the fused prefill), interleaved, `reps` of each after one
     # warm-up of each (Triton's compile, cuBLAS's and the allocator's set-up; the allocator stays
-    # warm): a host that is slower for a while slows both alike. The last policy prefill feeds decode.
-    reps = reps or (5 if context <= 8192 else 3)
+    # warm): a host that is slower for a while slows both alike. "prefill / full" is the median of each
+    # rep's ratio to the full prefill just before it. Up to 8k prompt tokens a prefill is a few tens of
+    # ms, bound by the host's launches, and the same full prefill measured 25 to 34 ms in one run (issue
+    # 18, session 11): 11 reps there. The last policy prefill feeds decode.
+    reps = reps or (11 if batch * context <= 8192 else 5 if context <= 8192 else 3)
     pol_s, full_s = [], []
     with torch.no_grad():
         for r in range(reps + 1):
@@ -239,8 +242,9 @@ def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step,
     peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else 0
     peak_gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     kept = int(cache.tokens_held().max())
-    vs = prefill_s / statistics.median(full_s) if full_s else float("nan")
+    vs = statistics.median(a / b for a, b in zip(pol_s, full_s)) if full_s else float("nan")
     return dict(prefill_tok_s=batch * context / prefill_s, prefill_vs_full=vs,
+                prefill_ms=[1000 * t for t in pol_s], full_prefill_ms=[1000 * t for t in full_s],
                 decode_tok_s=batch * new_tokens / decode_s, compile_s=compile_s,
                 ms_per_step=1000 * decode_s / new_tokens, peak_gb=peak / 2**30, kv_bytes=cache.nbytes(), kept=kept,
                 peak_gpu_gb=peak_gpu / 2**30, tokens=torch.cat(greedy, 1).tolist(), **allreduce)
@@ -409,7 +413,8 @@ def main(argv=None):
                     " (and, tensor parallel, the all-reduce ms per step)")
     ap.add_argument("--tp", action="store_true", help="tensor parallel (tp.py): each rank builds its part on its device;"
                     " implied under torchrun with more than one process and by --plan tp; one process: TP = 1")
-    ap.add_argument("--prefill-reps", type=int, default=None, help="timed prefills per row (default 5, 3 past 8k tokens)")
+    ap.add_argument("--prefill-reps", type=int, default=None, help="timed prefills per row"
+                    " (default 11 up to 8k prompt tokens in all, 5 up to an 8k context, 3 past)")
     ap.add_argument("--no-graph", action="store_true", help="the compiled decode step without its CUDA graph")
     ap.add_argument("--static", action="store_true", help="compile each row's step for its cache size alone"
                     " (torch.compile dynamic=False: what a process with one cache gets; fast.compile_decode)")
