@@ -369,6 +369,18 @@ smollm2-ab)  # session 11, on an nvidia-h200-x2 (carry [".whl", "old"]): the lan
   cat $OUT/r/ab/*.log $OUT/r/solo/*.log
   python scripts/ab_summary.py $OUT/r/ab | tee $OUT/r/ab/ab.md
   ;;
+7b-ab)  # session 11, on an nvidia-h200-x2 (carry [".whl", "old"]): the landed main's targets-7b on GPU 1 beside this
+  # checkout's targets-7b-long on GPU 0 (its targets-7b-short ran in verify2)
+  mkdir -p $OUT/r/ab7
+  (cd old && CUDA_VISIBLE_DEVICES=1 timeout 340 python bench.py --plan targets-7b --no-hf --weights random \
+     --out $OUT/r/ab7/old-targets-7b.json 2>&1 | quiet | grep "^|\|^#\|Error" | grep -v "^|--" \
+     > $OUT/r/ab7/old-targets-7b.log) &
+  CUDA_VISIBLE_DEVICES=0 timeout 340 python bench.py --plan targets-7b-long --no-hf --weights random \
+    --out $OUT/r/ab7/new-targets-7b-long.json 2>&1 | quiet | grep "^|\|^#\|Error" | grep -v "^|--" \
+    > $OUT/r/ab7/new-targets-7b-long.log
+  wait
+  cat $OUT/r/ab7/*.log
+  ;;
 final)  # one call: this checkout's targets-smollm2 (transformers' rows too) and targets-7b-short, the landed main's
   # (old/) full 1k rows beside them
   timeout 230 python bench.py --plan targets-smollm2 --weights random --profile --out $OUT/r/new-targets-smollm2.json 2>&1 \
