@@ -25,8 +25,8 @@ INDUCTOR_PDL = True
 
 
 # The step's embedding and rotary angles compiled too (compiled_embedding: a kernel or two and an eager cos and
-# sin, where the eager ops are about thirteen, a few microseconds each in SmolLM2's launch-bound step; 1.036x on
-# its step, scripts/gpu_issue18.sh embed, issue 18 session 11). Session 10 compiled cos and sin too: Triton's
+# sin, where the eager ops are about thirteen, a few microseconds each in SmolLM2's launch-bound step: 2,064
+# against 2,008 tok/s, issue 18 session 11, README). Session 10 compiled cos and sin too: Triton's
 # libdevice puts them up to 3e-5 from eager CUDA's (scripts/angles_probe.py), and the bf16 logits of a chunk-1
 # stream drifted up to 2.0 from the eager step's. bench.py --no-embed: off, to time it.
 EMBED = True
