@@ -194,8 +194,8 @@ def bench_ours(m, policy_name, budget, context, batch, new_tokens, compile_step,
     # warm-up of each (Triton's compile, cuBLAS's and the allocator's set-up; the allocator stays
     # warm): a host that is slower for a while slows both alike. "prefill / full" is the median of each
     # rep's ratio to the full prefill just before it. Up to 8k prompt tokens a prefill is a few tens of
-    # ms, bound by the host's launches, and the same full prefill measured 25 to 34 ms in one run (issue
-    # 18, session 11): 11 reps there. The last policy prefill feeds decode.
+    # ms, bound by the host's launches, and the same full prefill measured 23.6 to 43.9 ms in one row of one
+    # run (issue 18, session 11): 11 reps there. The last policy prefill feeds decode.
     reps = reps or (11 if batch * context <= 8192 else 5 if context <= 8192 else 3)
     pol_s, full_s = [], []
     with torch.no_grad():

@@ -561,7 +561,7 @@ def test_the_compiled_steps_embedding_gives_the_reference_embedding_and_angles_b
 @pytest.mark.parametrize("scaling", SCALINGS)
 def test_the_compiled_steps_embedding_is_the_eager_one_bit_for_bit_under_inductor_on_cuda(scaling):
     """compile_decode's embed_fn under inductor (triton.enable_pdl as the step compiles it) against the eager
-    embedding and angles, torch.equal, SmolLM2's rotary settings: cos and sin compiled by Triton are up to
+    embedding and angles, torch.equal, SmolLM2's rope_theta: cos and sin compiled by Triton are up to
     3e-5 away from eager CUDA's (scripts/angles_probe.py), which is why compiled_embedding keeps them eager
     (session 10's drift of the compiled step's bf16 logits, up to 2.0)."""
     torch._dynamo.reset()
