@@ -315,8 +315,9 @@ verify)  # session 10's open ends, one call on an nvidia-h200-x2 carrying [".whl
   cat $OUT/r/verify/*.log
   ;;
 embed)  # session 11: the compiled embedding's drift. GPU 0: scripts/angles_probe.py (compiled rotary angles against
-  # eager, under inductor's eager_numerics options), capture_probe.py --compiled with EMBED on (fast.step.EMBED_NUMERICS
-  # as is, then none); GPU 1: SmolLM2 full 1k, EMBED off then on, twice
+  # eager, under inductor's eager_numerics options), capture_probe.py --compiled with EMBED on (it ran with session
+  # 11's first try, fast.step.EMBED_NUMERICS, inductor options torch 2.11 lacks: removed since, so both probes now run
+  # fast.step.compiled_embedding); GPU 1: SmolLM2 full 1k, EMBED off then on, twice
   mkdir -p $OUT/r/embed
   (export CUDA_VISIBLE_DEVICES=0
    timeout 300 python scripts/angles_probe.py 2>&1 | quiet | grep "^|\|^#\|Error" > $OUT/r/embed/angles.log
